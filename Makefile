@@ -1,0 +1,52 @@
+# The user's verbs. Each target installs what it needs into .venv first (torch pinned, then the project),
+# so a fresh clone on a machine with only python3 works: `make pretrain`, `make test`.
+PYTHON        ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV          ?= .venv
+BIN           := $(VENV)/bin
+STAMP         := $(VENV)/.installed-$(TORCH_VERSION)
+RUNS          ?= runs
+ARGS          ?=
+
+.PHONY: install pretrain finetune cifar10-data cifar10 test bench tensorboard data clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch pulls the CUDA build (several GB) on a CPU machine.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+## The default experiment: builds the synthetic shapes corpus if absent, trains a small ViT, logs to $(RUNS)/.
+pretrain: install
+	$(BIN)/vitx fit --config conf/vit/pretrain.yaml $(ARGS)
+
+## Fine-tune the last pretrain checkpoint at 48 px (position embedding resampled, new zero-initialised head).
+finetune: install
+	$(BIN)/vitx fit --config conf/vit/finetune.yaml $(ARGS)
+
+## CIFAR-10 from ../shared/data/cifar10 (or CIFAR10_SRC=...) to shards, then a ViT on it.
+CIFAR10_SRC ?= ../shared/data/cifar10/cifar10-jpg.tar.gz
+cifar10-data: install
+	test -f data/cifar10/sizes.json || $(BIN)/vitx data from-folder $(CIFAR10_SRC) data/cifar10
+cifar10: cifar10-data
+	$(BIN)/vitx fit --config conf/vit/cifar10.yaml $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install
+	$(BIN)/python -m benchmarks $(ARGS)
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir $(RUNS) --bind_all
+
+## Write the synthetic demo corpus by hand (pretrain does this itself when it is missing).
+data: install
+	$(BIN)/vitx data synth data/shapes
+
+clean:
+	rm -rf $(RUNS) data/shapes

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny shard sets written once per test session, and the path of the optional real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data, or a skip when this machine has none (a user's clone has no ../shared)."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the real-data tests need ../shared/data beside the repository")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory) -> Path:
+    """A synthetic shapes corpus small enough to train on for a few steps: 16-px images, 4 train shards."""
+    from data_pipelines.writers import write_synthetic
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_synthetic(out, num_train=256, num_val=64, image_size=16, seed=0, shard_size=64)
+    return out
