@@ -1,0 +1,468 @@
+"""Write WebDataset shards: a synthetic shapes corpus, an image-folder tree, a CSV/TSV of (image, caption).
+
+Layout of a shard directory (the one every reader in `data_pipelines` expects)::
+
+    OUT/train-000000.tar ...   samples: "<key>.jpg" (or .png/.webp) + "<key>.cls" (ascii integer)
+    OUT/val-000000.tar ...              or "<key>.jpg" + "<key>.txt" (+ "<key>.json") for image-text
+    OUT/sizes.json             {"train-000000.tar": 1000, ...}  samples per shard, for every shard in OUT
+    OUT/classes.json           ["circle", "square", ...]         label names, index = label (classification)
+
+The size file is open_clip's convention: one JSON object for every shard in the directory, so a reader can
+compute an epoch's length, split samples exactly across ranks and workers, and pad validation, without
+opening a shard. Image bytes are copied as they are, never re-encoded. Tar members get a fixed mtime and
+owner so the same input gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import webdataset as wds
+
+log = logging.getLogger(__name__)
+
+SIZES_FILE = "sizes.json"
+CLASSES_FILE = "classes.json"
+IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# size and class files
+
+
+def _dir_and_name(url: str) -> tuple[str, str]:
+    """Split a shard URL or path into (directory, file name); works for paths and URLs alike."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    head, _, name = url.rpartition("/")
+    return (head or "."), name
+
+
+def write_sizes(out_dir: str | os.PathLike, sizes: dict[str, int]) -> Path:
+    """Merge {shard file name: sample count} into OUT/sizes.json (other shards' entries are kept)."""
+    path = Path(out_dir) / SIZES_FILE
+    merged: dict[str, int] = {}
+    if path.exists():
+        merged.update(json.loads(path.read_text()))
+    merged.update({os.path.basename(k): int(v) for k, v in sizes.items()})
+    path.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+    return path
+
+
+def _read_json_beside(directory: str, name: str) -> Optional[object]:
+    """Load `directory/name` for a local directory or a remote URL prefix; None when it is not there."""
+    from .sources import is_local, local_path, open_url, scheme
+
+    if is_local(directory):
+        path = Path(local_path(directory)) / name
+        if not path.exists():
+            return None
+        return json.loads(path.read_text())
+    if scheme(directory) == "pipe":
+        return None
+    try:  # http(s)://, s3://, gs://, ... (curl, aws, gsutil, ...)
+        stream = open_url(f"{directory}/{name}")
+        try:
+            return json.loads(stream.read().decode("utf-8"))
+        finally:
+            stream.close()
+    except Exception as exn:  # a missing size file is normal; say so and go on without it
+        log.info("no %s at %s (%s)", name, directory, exn)
+        return None
+
+
+def shard_sizes(urls: Sequence[str]) -> Optional[list[int]]:
+    """Samples in each shard, from the sizes.json beside the shards; None if any shard is not listed."""
+    by_dir: dict[str, Optional[dict]] = {}
+    out = []
+    for url in urls:
+        directory, name = _dir_and_name(url)
+        if directory not in by_dir:
+            table = _read_json_beside(directory, SIZES_FILE)
+            by_dir[directory] = table if isinstance(table, dict) else None
+        table = by_dir[directory]
+        if table is None or name not in table:
+            return None
+        out.append(int(table[name]))
+    return out
+
+
+def read_sizes(urls: Sequence[str]) -> Optional[int]:
+    """Total number of samples in the shards, or None when the size file is missing or incomplete."""
+    sizes = shard_sizes(urls)
+    return None if sizes is None else sum(sizes)
+
+
+def write_classes(out_dir: str | os.PathLike, class_names: Sequence[str]) -> Path:
+    """Write OUT/classes.json; refuse to silently change the label meaning of existing shards."""
+    path = Path(out_dir) / CLASSES_FILE
+    names = list(class_names)
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != names:
+            raise ValueError(
+                f"{path} already lists different classes ({len(old)} vs {len(names)}); "
+                "write the new shards to an empty directory"
+            )
+    path.write_text(json.dumps(names, indent=1) + "\n")
+    return path
+
+
+def read_classes(urls: Sequence[str]) -> Optional[list[str]]:
+    """Class names from the classes.json beside the first shard, or None when absent."""
+    if not urls:
+        return None
+    names = _read_json_beside(_dir_and_name(urls[0])[0], CLASSES_FILE)
+    return list(names) if isinstance(names, list) else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the shard sink shared by all writers
+
+
+class ShardSink:
+    """Write samples into `OUT/<split>-%06d.tar`, at most `shard_size` per shard, and record their counts.
+
+    webdataset's ShardWriter opens its first shard eagerly (an empty split would leave an empty tar) and
+    names shards by a printf pattern only; this thin loop around `wds.TarWriter` also returns the counts
+    that go into sizes.json.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, split: str, shard_size: int = 1000):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", split):
+            raise ValueError(f"split name {split!r} must be letters, digits, '_' or '-'")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.split, self.shard_size = split, shard_size
+        self.sizes: dict[str, int] = {}
+        self._writer: Optional[wds.TarWriter] = None
+        self._name = ""
+        self._count = 0
+
+    def write(self, sample: dict) -> None:
+        if self._writer is None or self._count >= self.shard_size:
+            self._close_current()
+            self._name = f"{self.split}-{len(self.sizes):06d}.tar"
+            # fixed mtime/owner -> the same samples give byte-identical shards; an int mtime also keeps
+            # tarfile from adding a pax header to every member (it does for float mtimes), halving parse time
+            self._writer = wds.TarWriter(str(self.out_dir / self._name), encoder=False, mtime=0, user="vitx", group="vitx")
+            self.sizes[self._name] = 0
+            self._count = 0
+        self._writer.write(sample)
+        self._count += 1
+        self.sizes[self._name] = self._count
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> dict[str, int]:
+        self._close_current()
+        return self.sizes
+
+    def __enter__(self) -> "ShardSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _refuse_existing(out_dir: Path, split: str) -> None:
+    old = sorted(out_dir.glob(f"{split}-*.tar"))
+    if old:
+        raise FileExistsError(
+            f"{out_dir} already has {len(old)} '{split}' shards ({old[0].name} ...); "
+            "write into an empty directory or delete them first"
+        )
+
+
+def _write_split(out_dir: Path, split: str, samples: Iterable[dict], shard_size: int) -> dict[str, int]:
+    _refuse_existing(out_dir, split)
+    with ShardSink(out_dir, split, shard_size) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return sink.sizes
+
+
+def _cls_bytes(label: int) -> bytes:
+    return str(int(label)).encode("ascii")
+
+
+def _safe_key(text: str) -> str:
+    return _KEY_UNSAFE.sub("_", text)
+
+
+def pattern_for(out_dir: str | os.PathLike, split: str, num_shards: int) -> str:
+    """Brace pattern that lists the shards of one split, e.g. OUT/train-{000000..000019}.tar."""
+    if num_shards == 1:
+        return f"{out_dir}/{split}-000000.tar"
+    return f"{out_dir}/{split}-{{000000..{num_shards - 1:06d}}}.tar"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# synthetic shapes
+
+
+def write_synthetic(
+    out_dir: str | os.PathLike,
+    num_train: int = 20000,
+    num_val: int = 2000,
+    image_size: int = 32,
+    seed: int = 0,
+    shard_size: int = 1000,
+    quality: int = 90,
+    val_shard_size: Optional[int] = None,
+) -> dict[str, str]:
+    """Write the seeded shapes corpus (see `synthetic.py`) as train/val shards + sizes.json + classes.json.
+
+    `val_shard_size` defaults to `shard_size`. Returns {split: brace pattern of its shards}.
+    """
+    from .synthetic import CLASS_NAMES, synthetic_samples
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_classes(out, CLASS_NAMES)
+    patterns = {}
+    for split, num, size in (("train", num_train, shard_size), ("val", num_val, val_shard_size or shard_size)):
+        if num <= 0:
+            continue
+        samples = (
+            {"__key__": key, "jpg": data, "cls": _cls_bytes(label)}
+            for key, data, label in synthetic_samples(num, split, image_size, seed, quality)
+        )
+        sizes = _write_split(out, split, samples, size)
+        write_sizes(out, sizes)
+        patterns[split] = pattern_for(out, split, len(sizes))
+    return patterns
+
+
+# ----------------------------------------------------------------------------------------------------------
+# image folder (directory tree or tarball) -> shards
+
+
+def _folder_entries(src: Path) -> list[tuple[str, str, str, Path]]:
+    """(split, class, file name, path) for src/<split>/<class>/<image> or src/<class>/<image> (split 'train')."""
+    entries = []
+    for path in sorted(src.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        parts = path.relative_to(src).parts
+        if len(parts) == 3:
+            entries.append((parts[0], parts[1], parts[2], path))
+        elif len(parts) == 2:
+            entries.append(("train", parts[0], parts[1], path))
+    return entries
+
+
+def _tarball_entries(src: Path) -> list[tuple[str, str, str, bytes]]:
+    """Same as `_folder_entries` for a .tar/.tar.gz, streamed once with the image bytes kept in memory."""
+    entries = []
+    with tarfile.open(src, mode="r|*") as tar:
+        for member in tar:
+            if not member.isreg() or Path(member.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            parts = [p for p in member.name.split("/") if p not in ("", ".")]
+            if len(parts) >= 3:
+                split, cls, name = parts[-3], parts[-2], parts[-1]
+            elif len(parts) == 2:
+                split, cls, name = "train", parts[0], parts[1]
+            else:
+                continue
+            entries.append((split, cls, name, tar.extractfile(member).read()))
+    return entries
+
+
+def write_image_folder(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shard_size: int = 1000,
+    seed: int = 0,
+    limit: Optional[int] = None,
+    rename_splits: Optional[dict[str, str]] = None,
+) -> dict[str, str]:
+    """Turn an image-folder tree into shards: `src/<split>/<class>/*.jpg` -> `OUT/<split>-XXXXXX.tar`.
+
+    `src` may be a directory or a .tar/.tar.gz of that tree (streamed once, images held in memory, so
+    extract very large archives first). A tree without split folders (`src/<class>/*.jpg`) becomes split
+    'train'. Labels are indices into the sorted class names, the same for every split. Samples of a split
+    are shuffled with `seed` before sharding so every shard mixes classes. `limit` keeps only the first
+    `limit` samples of each split after the shuffle (a class-mixed subset). `rename_splits` maps folder
+    names to split names, e.g. {"test": "val"}. Returns {split: brace pattern of its shards}.
+    """
+    src_path, out = Path(src), Path(out_dir)
+    if not src_path.exists():
+        raise FileNotFoundError(f"image folder {src_path} does not exist")
+    if src_path.is_dir():
+        entries: list = _folder_entries(src_path)
+    elif tarfile.is_tarfile(src_path):
+        entries = _tarball_entries(src_path)
+    else:
+        raise ValueError(f"{src_path} is neither a directory nor a tar archive of <split>/<class>/<image> files")
+    if not entries:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found as <split>/<class>/<image> in {src_path}")
+    rename = rename_splits or {}
+    classes = sorted({e[1] for e in entries})
+    index = {c: i for i, c in enumerate(classes)}
+    by_split: dict[str, list] = defaultdict(list)
+    for entry in entries:
+        by_split[rename.get(entry[0], entry[0])].append(entry)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_classes(out, classes)
+    patterns = {}
+    for split in sorted(by_split):
+        items = by_split[split]
+        random.Random(f"vitx-folder:{seed}:{split}").shuffle(items)
+        if limit is not None:
+            items = items[:limit]
+
+        def samples(items=items) -> Iterator[dict]:
+            for _, cls, name, payload in items:
+                stem, ext = os.path.splitext(name)
+                data = payload.read_bytes() if isinstance(payload, Path) else payload
+                yield {
+                    "__key__": _safe_key(f"{cls}_{stem}"),
+                    IMAGE_EXTENSIONS[ext.lower()]: data,
+                    "cls": _cls_bytes(index[cls]),
+                }
+
+        sizes = _write_split(out, split, samples(), shard_size)
+        write_sizes(out, sizes)
+        patterns[split] = pattern_for(out, split, len(sizes))
+    return patterns
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CSV/TSV of (image, caption) -> image-text shards
+
+
+def _read_caption_table(
+    path: Path, image_col: str | int, caption_col: str | int, delimiter: Optional[str]
+) -> list[tuple[str, str]]:
+    text = path.read_text(encoding="utf-8")
+    if delimiter is None:
+        delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") or "\t" in text.split("\n", 1)[0] else ","
+    rows = [r for r in csv.reader(io.StringIO(text), delimiter=delimiter) if r]
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    header = rows[0]
+    looks_like_header = not any(Path(c.strip()).suffix.lower() in IMAGE_EXTENSIONS for c in header)
+
+    def column(spec: str | int) -> int:
+        if isinstance(spec, int) or str(spec).isdigit():
+            return int(spec)
+        if not looks_like_header or spec not in header:
+            raise ValueError(f"{path}: column {spec!r} not in header {header}; give a column index instead")
+        return header.index(spec)
+
+    ic, cc = column(image_col), column(caption_col)
+    body = rows[1:] if looks_like_header else rows
+    pairs = []
+    for lineno, row in enumerate(body, start=2 if looks_like_header else 1):
+        if len(row) <= max(ic, cc):
+            raise ValueError(f"{path}:{lineno}: expected at least {max(ic, cc) + 1} columns, got {row}")
+        pairs.append((row[ic].strip(), row[cc].strip()))
+    return pairs
+
+
+def _image_source(images: Path) -> dict[str, object]:
+    """{file name (and relative path): Path or bytes} for a directory or a tar of images."""
+    table: dict[str, object] = {}
+    if images.is_dir():
+        for p in images.rglob("*"):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                table.setdefault(p.name, p)
+                table[str(p.relative_to(images))] = p
+    elif tarfile.is_tarfile(images):
+        with tarfile.open(images, mode="r|*") as tar:
+            for m in tar:
+                if m.isreg() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
+                    data = tar.extractfile(m).read()
+                    name = m.name.lstrip("./")
+                    table.setdefault(os.path.basename(name), data)
+                    table[name] = data
+    else:
+        raise ValueError(f"{images} is neither a directory nor a tar archive of images")
+    return table
+
+
+def write_caption_corpus(
+    captions: str | os.PathLike,
+    images: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shard_size: int = 1000,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    image_col: str | int = 0,
+    caption_col: str | int = 1,
+    delimiter: Optional[str] = None,
+    limit: Optional[int] = None,
+) -> dict[str, str]:
+    """Turn a CSV/TSV of (image, caption) rows into image-text shards (`jpg` + `txt` + `json`).
+
+    All captions of one image go into one sample: `txt` holds them one per line (a single-caption corpus
+    looks exactly like what img2dataset writes) and `json` holds {"image": name, "captions": [...]}; the
+    reader picks one caption per epoch. Images are split into train/val by a seeded shuffle
+    (`val_fraction` of the images go to val). `images` is a directory or a tar of image files. Rows whose
+    image is missing are reported and skipped. Returns {split: brace pattern of its shards}.
+    """
+    cap_path, img_path, out = Path(captions), Path(images), Path(out_dir)
+    for p in (cap_path, img_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for name, caption in _read_caption_table(cap_path, image_col, caption_col, delimiter):
+        if caption:
+            grouped[name].append(caption.replace("\n", " "))
+    source = _image_source(img_path)
+    missing = [n for n in grouped if n not in source and os.path.basename(n) not in source]
+    if missing:
+        log.warning("%d images named in %s are not in %s (first: %s); skipping them", len(missing), cap_path, img_path, missing[0])
+    names = sorted(n for n in grouped if n not in set(missing))
+    if not names:
+        raise ValueError(f"none of the images named in {cap_path} were found in {img_path}")
+    random.Random(f"vitx-captions:{seed}").shuffle(names)
+    if limit is not None:
+        names = names[:limit]
+    num_val = int(round(len(names) * val_fraction))
+    splits = {"train": names[num_val:], "val": names[:num_val]}
+
+    out.mkdir(parents=True, exist_ok=True)
+    patterns = {}
+    for split, members in splits.items():
+        if not members:
+            continue
+
+        def samples(members=members) -> Iterator[dict]:
+            for name in members:
+                payload = source.get(name, source.get(os.path.basename(name)))
+                data = payload.read_bytes() if isinstance(payload, Path) else payload
+                stem, ext = os.path.splitext(os.path.basename(name))
+                caps = grouped[name]
+                yield {
+                    "__key__": _safe_key(stem),
+                    IMAGE_EXTENSIONS.get(ext.lower(), "jpg"): data,
+                    "txt": "\n".join(caps).encode("utf-8"),
+                    "json": json.dumps({"image": name, "captions": caps}).encode("utf-8"),
+                }
+
+        sizes = _write_split(out, split, samples(), shard_size)
+        write_sizes(out, sizes)
+        patterns[split] = pattern_for(out, split, len(sizes))
+    return patterns

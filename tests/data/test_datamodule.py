@@ -1,0 +1,117 @@
+"""ImageLabelDataModule and ImageTextDataModule: synthesis on demand, class files, batch format, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_pipelines.datamodules import ImageLabelDataModule, ImageTextDataModule
+from data_pipelines.synthetic import CLASS_NAMES
+from data_pipelines.writers import write_caption_corpus
+
+from .conftest import jpeg
+
+
+def test_synthesize_if_missing_and_batches(tmp_path):
+    dm = ImageLabelDataModule(
+        train_shards=str(tmp_path / "shapes/train-{000000..000003}.tar"),
+        val_shards=str(tmp_path / "shapes/val-{000000..000001}.tar"),
+        batch_size=16, image_size=16, num_workers=0, synthesize_if_missing=True,
+        synth_train_samples=100, synth_val_samples=30,
+    )
+    dm.prepare_data()
+    # the synthetic corpus is written with exactly as many shards as the patterns name
+    assert sorted(p.name for p in (tmp_path / "shapes").glob("*.tar")) == [
+        "train-000000.tar", "train-000001.tar", "train-000002.tar", "train-000003.tar", "val-000000.tar", "val-000001.tar",
+    ]
+    dm.setup("fit")
+    assert dm.num_classes == len(CLASS_NAMES) and dm.class_names == CLASS_NAMES
+    assert len(dm.mean) == 3 and len(dm.std) == 3
+    train = dm.train_dataloader()
+    assert len(train) == 100 // 16
+    images, labels = next(iter(train))
+    assert images.shape == (16, 3, 16, 16) and images.dtype == torch.uint8
+    assert labels.shape == (16,) and labels.dtype == torch.int64
+    val = list(dm.val_dataloader())
+    assert sum(len(y) for _, y in val) == 30
+    stats = dm.data_stats()
+    assert stats["data/val_samples_read"] == 30 and stats["data/val_samples_skipped"] == 0
+
+
+def test_missing_shards_fail_at_setup_with_the_pattern(tmp_path):
+    pattern = str(tmp_path / "nope/train-{000000..000003}.tar")
+    dm = ImageLabelDataModule(train_shards=pattern, val_shards=pattern, num_workers=0)
+    dm.prepare_data()  # synthesize_if_missing is off: nothing written
+    with pytest.raises(FileNotFoundError, match="nope/train-"):
+        dm.setup("fit")
+
+
+def test_num_classes_without_class_file(tmp_path, shards):
+    pattern = shards([8])
+    dm = ImageLabelDataModule(train_shards=pattern, val_shards=pattern, num_workers=0, image_size=8)
+    with pytest.raises(ValueError, match="num_classes"):
+        dm.num_classes
+    assert ImageLabelDataModule(train_shards=pattern, val_shards=pattern, num_classes=3).num_classes == 3
+
+
+def test_image_text_datamodule(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(12):
+        (images / f"im{i}.jpg").write_bytes(jpeg(i, 24))
+    (tmp_path / "caps.tsv").write_text("".join(f"im{i}.jpg\tcap {j} of {i}\n" for i in range(12) for j in range(2)))
+    patterns = write_caption_corpus(tmp_path / "caps.tsv", images, tmp_path / "out", val_fraction=0.25)
+    dm = ImageTextDataModule(train_shards=patterns["train"], val_shards=patterns["val"], batch_size=3,
+                             image_size=16, num_workers=0, caption="cycle")
+    dm.setup("fit")
+    images_b, texts, valid = next(iter(dm.train_dataloader()))
+    assert images_b.shape == (3, 3, 16, 16) and len(texts) == 3 and valid.all()
+    assert all(t.startswith("cap ") for t in texts)
+    val = list(dm.val_dataloader())
+    assert sum(len(t) for _, t, _ in val) == 3 and all(t.startswith("cap 0 ") for _, ts, _ in val for t in ts)
+
+
+def test_skipped_samples_reach_the_logger(tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers.logger import Logger
+
+    from data_pipelines.datamodules import DataStatsLogger
+
+    from .conftest import write_tar
+
+    samples = [{"__key__": f"k{i:03d}", "jpg": jpeg(i), "cls": str(i % 2).encode()} for i in range(64)]
+    samples[5]["jpg"] = b"broken"
+    write_tar(tmp_path / "train-000000.tar", samples)
+
+    class Capture(Logger):
+        name, version = "capture", 0
+        metrics: list = []
+
+        def log_metrics(self, metrics, step=None):
+            self.metrics.append(dict(metrics))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3 * 8 * 8, 2)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.lin(x.float().flatten(1)), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    pattern = str(tmp_path / "train-000000.tar")
+    dm = ImageLabelDataModule(train_shards=pattern, val_shards=pattern, batch_size=8, image_size=8, num_workers=1,
+                              num_classes=2, max_error_rate=0.1)
+    logger = Capture()
+    trainer = L.Trainer(max_epochs=1, logger=logger, callbacks=[DataStatsLogger(every_n_steps=1)], limit_val_batches=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Tiny(), datamodule=dm)
+    skipped = [m["data/train_samples_skipped"] for m in logger.metrics if "data/train_samples_skipped" in m]
+    assert skipped and skipped[-1] == 1
+    assert dm.bad_shards()["train"] == {"train-000000.tar": 1}

@@ -1,0 +1,209 @@
+"""Contrastive image-text pretraining: CLIP (Radford et al. 2021, "Learning Transferable Visual Models From
+Natural Language Supervision").
+
+Batches arrive as (uint8 images (B, 3, H, W), captions, valid (B,)) from data_pipelines' ImageTextDataModule;
+captions are token ids (B, L) when the data workers tokenise (the task hands its tokenizer to the datamodule)
+or strings, which are tokenised here. Images are normalised here, on the accelerator; no flips, which would
+contradict captions that say "left" and "right".
+
+The loss scores each device's rows against the batch gathered from every device (vit_experiments.losses), so
+training on W devices computes the single-device loss and gradients of the global batch. The temperature is
+clamped after every optimizer step. Zero-shot classification and retrieval run in callbacks
+(vit_experiments.callbacks.contrastive_eval).
+
+The tokenizer (data_pipelines.tokenizer, a JSON file) belongs to the model: its ids index the token
+embedding. It is copied into the run directory and stored in every checkpoint, from which it is restored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from data_pipelines.tokenizer import CaptionTokenizer
+from data_pipelines.transforms import CLIP_MEAN, CLIP_STD, normalize
+from vit_experiments.losses import contrastive_loss
+from vit_experiments.models.clip import CLIP, CLIPConfig
+from vit_experiments.models.text import TextConfig
+from vit_experiments.models.vit import ViTConfig, VisionTransformer
+from vit_experiments.tasks.optim import OptimConfig, build_optimizer
+
+TOKENIZER_KEY = "tokenizer"  # where the tokenizer's JSON lives in a checkpoint
+
+
+def clip_config_from_dict(d: dict) -> CLIPConfig:
+    """CLIPConfig from its asdict() form (the hyperparameters saved in a checkpoint)."""
+    d = dict(d)
+    vision, text = ViTConfig(**d.pop("vision")), TextConfig(**d.pop("text"))
+    return CLIPConfig(vision=vision, text=text, **d)
+
+
+class ContrastivePretraining(L.LightningModule):
+    """CLIP trained with the symmetric contrastive loss, AdamW and warm-up + cosine.
+
+    Args:
+        clip: the architecture: image tower (a ViT), text tower, embedding width, temperature and its ceiling.
+        tokenizer: the caption tokenizer JSON (`vitx data train-tokenizer SHARDS OUT`). Not needed when
+            resuming or evaluating a checkpoint, which carries its own.
+        optim: learning rate, weight decay and schedule (CLIP: AdamW, beta2 0.98, weight decay 0.2).
+        mean: per-channel mean of the images scaled to [0, 1], for normalisation; by default the data module's
+            (its `normalization` preset), else CLIP's. Saved in the checkpoint.
+        std: per-channel standard deviation, likewise.
+    """
+
+    def __init__(
+        self,
+        clip: CLIPConfig = CLIPConfig(),
+        tokenizer: Optional[str] = None,
+        optim: OptimConfig = OptimConfig(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), warmup_steps=2000),
+        mean: Optional[tuple[float, float, float]] = None,
+        std: Optional[tuple[float, float, float]] = None,
+    ) -> None:
+        super().__init__()
+        clip = clip_config_from_dict(clip) if isinstance(clip, dict) else clip
+        optim = OptimConfig(**optim) if isinstance(optim, dict) else optim
+        # plain types only, so checkpoints load with torch.load(weights_only=True); `_class_path` names the task
+        self.save_hyperparameters(
+            {
+                "_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                "clip": asdict(clip),
+                "tokenizer": tokenizer,
+                "optim": asdict(optim),
+                "mean": list(mean) if mean else None,
+                "std": list(std) if std else None,
+            }
+        )
+        self.optim_cfg = optim
+        self.tokenizer_path = tokenizer
+        self.mean = tuple(mean) if mean else None
+        self.std = tuple(std) if std else None
+        self.model = CLIP(clip)
+        self.tokenizer: Optional[CaptionTokenizer] = None
+        self.val_loss = MeanMetric()
+
+    # -- hooks other code relies on ---------------------------------------------------------------------
+    def analysis_backbone(self) -> VisionTransformer:
+        """The image tower, for the attention and position-embedding analyses."""
+        return self.model.visual
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor):
+        return self.model(images, ids)  # (B, E), (B, E), ()
+
+    # -- the tokenizer --------------------------------------------------------------------------------------
+    def set_tokenizer(self, tokenizer: CaptionTokenizer) -> None:
+        """Use `tokenizer` (checked against the text tower) here and in the datamodule's workers."""
+        text = self.model.cfg.text
+        if tokenizer.vocab_size > text.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the text tower embeds {text.vocab_size}: "
+                f"set --model.clip.text.vocab_size {tokenizer.vocab_size} (or more)"
+            )
+        if tokenizer.context_length > text.context_length:
+            raise ValueError(
+                f"the tokenizer makes sequences of {tokenizer.context_length} tokens but the text tower holds "
+                f"{text.context_length}: set --model.clip.text.context_length {tokenizer.context_length}"
+            )
+        if tokenizer.eot_id != text.eot_token_id:
+            raise ValueError(f"the tokenizer's end token is {tokenizer.eot_id}; set --model.clip.text.eot_token_id "
+                             f"{tokenizer.eot_id}")
+        self.tokenizer = tokenizer
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "tokenizer") and (dm.tokenizer is None or isinstance(dm.tokenizer, CaptionTokenizer)):
+            dm.tokenizer = tokenizer  # tokenise in the data workers
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise RuntimeError("no tokenizer yet: give --model.tokenizer PATH (made by `vitx data train-tokenizer`)")
+        return self.tokenizer(texts).to(self.device)
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            if self.tokenizer_path and os.path.isfile(self.tokenizer_path):
+                self.set_tokenizer(CaptionTokenizer.load(self.tokenizer_path))
+            elif not self.trainer.ckpt_path:  # a checkpoint brings its own, in on_load_checkpoint
+                where = self.tokenizer_path or "data/<corpus>/tokenizer.json"
+                raise FileNotFoundError(
+                    f"no caption tokenizer at {where}; train one on the training captions with "
+                    f"`vitx data train-tokenizer '<train shards>' {where}` and pass --model.tokenizer {where}"
+                )
+        else:
+            self.set_tokenizer(self.tokenizer)  # hand it to this trainer's datamodule
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.mean is None or self.std is None:
+            self.mean = tuple(getattr(dm, "mean", None) or CLIP_MEAN)
+            self.std = tuple(getattr(dm, "std", None) or CLIP_STD)
+            self.hparams["mean"], self.hparams["std"] = list(self.mean), list(self.std)
+        data_size = getattr(getattr(dm, "hparams", None), "image_size", None)
+        if data_size is not None and data_size != self.model.cfg.vision.image_size:
+            raise ValueError(
+                f"the data is cropped to {data_size} px but the image tower expects "
+                f"{self.model.cfg.vision.image_size} px: set --data.image_size and --model.clip.vision.image_size alike"
+            )
+
+    def on_fit_start(self) -> None:
+        # the tokenizer beside the run: the run directory alone is enough to use the model
+        log_dir = self.trainer.log_dir
+        if self.trainer.is_global_zero and log_dir and self.tokenizer is not None:
+            self.tokenizer.save(os.path.join(log_dir, "tokenizer.json"))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer is not None:
+            checkpoint[TOKENIZER_KEY] = self.tokenizer.to_str()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if TOKENIZER_KEY in checkpoint:  # the model's own tokenizer wins over any file named in the config
+            self.set_tokenizer(CaptionTokenizer.from_str(checkpoint[TOKENIZER_KEY]))
+
+    # -- data on the accelerator ----------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, texts = batch[0], batch[1]
+        valid = batch[2] if len(batch) > 2 else torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        images = normalize(images, self.mean, self.std)  # uint8 -> float32, on the accelerator
+        ids = texts if isinstance(texts, torch.Tensor) else self.tokenize(list(texts))  # (B, L)
+        return images, ids, valid
+
+    # -- steps ------------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, ids, _ = batch  # training batches hold no padding
+        image_emb, text_emb, logit_scale = self.model(images, ids)  # (B, E), (B, E), ()
+        loss = contrastive_loss(image_emb, text_emb, logit_scale)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # mean over devices = the global batch's loss
+        self.log("train/logit_scale", logit_scale.detach().exp(), prog_bar=True)  # 1 / temperature
+        return loss
+
+    def _evaluate(self, batch, stage: str) -> None:
+        images, ids, valid = batch
+        image_emb, text_emb, logit_scale = self.model(images, ids)
+        n = int(valid.sum())
+        if n > 0:  # per-device batches scored among themselves: padding differs between devices
+            loss = contrastive_loss(image_emb[valid], text_emb[valid], logit_scale, gather=False)
+            self.val_loss.update(loss, weight=n)
+        self.log(f"{stage}/loss", self.val_loss, prog_bar=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        images, ids, valid = batch
+        return {"image_embeddings": self.model.encode_image(images)[valid],
+                "text_embeddings": self.model.encode_text(ids)[valid]}
+
+    # -- optimisation -----------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        total = int(self.trainer.estimated_stepping_batches)
+        opt, sched = build_optimizer(self.model, self.optim_cfg, total, skip=self.model.no_weight_decay())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # after every step, on every device (also on each device's shard under FSDP): t <= ln 100
+        self.model.clamp_logit_scale()
