@@ -1,0 +1,255 @@
+"""All analyses of one Vision Transformer on one batch of images, and writing them to disk.
+
+Runs the model once on a probe batch with its attention maps and computes, after Dosovitskiy et al.
+2021 ("An Image is Worth 16x16 Words"): mean attention distance per (layer, head) (Fig. 11),
+position-embedding similarity and its topology score (Fig. 9), attention rollout maps (Fig. 12; Abnar &
+Zuidema 2020) and the principal components of the patch-embedding filters (Fig. 10).
+Shared by the training callback and by `vitx analyze` on a saved checkpoint.
+
+The model is anything with the VisionTransformer interface: forward_features(x, return_attention=True)
+-> (tokens, [attn (B, heads, T, T) per layer]), patch_embed.proj (the stride-P convolution), pos_embed,
+and cfg.patch_size / cfg.grid_size / cfg.num_prefix_tokens (derived from the modules when there is no cfg).
+"""
+import csv
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attention_distance import attention_distance_by_layer
+from .patch_filters import patch_embed_components
+from .plots import (
+    filter_components_image,
+    image_grid,
+    plot_attention_distance,
+    plot_filter_components,
+    plot_position_similarity,
+    plot_rollout,
+    rollout_overlay_images,
+    similarity_tiles_image,
+)
+from .position_similarity import position_similarity, topology_score
+from .rollout import attention_rollout
+
+FIGURES = ("attention_distance", "position_similarity", "rollout", "patch_filters")
+
+
+def vit_geometry(model: nn.Module, image_hw: Optional[Tuple[int, int]] = None) -> Tuple[Tuple[int, int], int, int]:
+    """(grid (gh, gw), patch_size, num_prefix_tokens) of a VisionTransformer.
+
+    Read from model.cfg when present; otherwise from the patch-embedding kernel, the image size and the
+    length of pos_embed.
+    """
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and all(hasattr(cfg, a) for a in ("patch_size", "grid_size", "num_prefix_tokens")):
+        gh, gw = cfg.grid_size
+        return (int(gh), int(gw)), int(cfg.patch_size), int(cfg.num_prefix_tokens)
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    pos = getattr(model, "pos_embed", None)
+    if proj is None or pos is None or image_hw is None:
+        raise ValueError(
+            f"cannot tell the patch grid of {type(model).__name__}: it needs cfg.patch_size, cfg.grid_size and "
+            f"cfg.num_prefix_tokens (or patch_embed.proj and pos_embed); pass the VisionTransformer itself "
+            f"(for CLIP, the image tower)")
+    p = int(proj.kernel_size[0])
+    grid = (image_hw[0] // p, image_hw[1] // p)
+    return grid, p, int(pos.shape[-2]) - grid[0] * grid[1]
+
+
+def _wanted(figures: Union[bool, Iterable[str]]) -> Tuple[str, ...]:
+    if figures is True:
+        return FIGURES
+    if figures is False or figures is None:
+        return ()
+    names = tuple(figures)
+    unknown = set(names) - set(FIGURES)
+    if unknown:
+        raise ValueError(f"unknown figure(s) {sorted(unknown)}; choose from {list(FIGURES)}")
+    return names
+
+
+@torch.no_grad()
+def analyze_model(
+    model: nn.Module,
+    images: torch.Tensor,
+    display_images: Optional[torch.Tensor] = None,
+    *,
+    num_components: int = 28,
+    rollout_token: int = 0,
+    figures: Union[bool, Iterable[str]] = True,
+) -> Dict[str, Any]:
+    """Run every analysis on one batch; returns a dict of numbers (numpy), images and figures.
+
+    images: (B, C, H, W) float, normalised as the model expects, H and W equal to the model's image size.
+    display_images: the same images for drawing (uint8 (B, C, H, W) preferred); defaults to `images`,
+      min-max scaled per image.
+    rollout_token: the prefix token whose rollout is drawn (0 = class token, 1 = DeiT's distillation token).
+    figures: True for all matplotlib figures, False for none, or names from FIGURES.
+    The model is put in eval mode (no dropout, no stochastic depth) and restored to its previous mode.
+    """
+    t0 = time.perf_counter()
+    wanted = _wanted(figures)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError("images must be a float tensor of shape (B, C, H, W), normalised as for training")
+    if not images.is_floating_point():
+        raise ValueError("images must be normalised float tensors (mean/std applied), not uint8; "
+                         "pass the uint8 originals as display_images")
+    grid, patch, prefix = vit_geometry(model, tuple(images.shape[-2:]))
+    expected = (grid[0] * patch, grid[1] * patch)
+    if tuple(images.shape[-2:]) != expected:
+        raise ValueError(f"images are {tuple(images.shape[-2:])} but the model takes {expected}; resize or "
+                         f"centre-crop them to the model's image size")
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        _, attns = model.forward_features(images.to(param.device, param.dtype), return_attention=True)
+    finally:
+        model.train(was_training)
+
+    dist = attention_distance_by_layer(attns, grid, patch, prefix)
+    d = dist.distance.cpu().numpy()  # (L, heads)
+    result: Dict[str, Any] = {
+        "num_images": int(images.shape[0]),
+        "image_size": list(expected),
+        "grid_size": list(grid),
+        "patch_size": patch,
+        "num_prefix_tokens": prefix,
+        "num_layers": int(d.shape[0]),
+        "num_heads": int(d.shape[1]),
+        "attention_distance": d,
+        "prefix_attention": dist.prefix_share.cpu().numpy(),  # (L, heads)
+        "distance_mean": np.nanmean(d, axis=1),  # (L,)
+        "distance_min": np.nanmin(d, axis=1),
+        "distance_max": np.nanmax(d, axis=1),
+    }
+
+    pos = getattr(model, "pos_embed", None)
+    if isinstance(pos, torch.Tensor):
+        sim = position_similarity(pos, grid, prefix)
+        result["position_similarity"] = sim.cpu().numpy()  # (gh, gw, gh, gw)
+        result["topology_score"] = topology_score(sim)
+    else:  # e.g. a model without a learned absolute position embedding
+        result["position_similarity"] = None
+        result["topology_score"] = None
+
+    token = rollout_token if prefix > 0 else 0
+    result["rollout"] = attention_rollout(attns, grid, prefix, token_index=token).cpu().numpy()  # (B, gh, gw)
+    result["rollout_token"] = token
+    del attns
+
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if isinstance(getattr(proj, "weight", None), torch.Tensor) and proj.weight.ndim == 4:
+        comps = patch_embed_components(proj.weight, num_components)
+        result["filter_components"] = comps.components.cpu().numpy()  # (k, C, P, P)
+        result["filter_explained_variance"] = comps.explained_variance_ratio.cpu().numpy()  # (k,)
+    else:
+        result["filter_components"] = None
+        result["filter_explained_variance"] = None
+
+    shown = (display_images if display_images is not None else images).detach().cpu()
+    result["probe_images"] = shown  # (B, C, H, W) what the overlays are drawn on
+    result["images"] = _images(result)
+    result["figures"] = {name: _figure(result, name) for name in wanted}
+    result["figures"] = {k: v for k, v in result["figures"].items() if v is not None}
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _images(result: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Pixel-exact (H, W, 3) uint8 images of the analyses, for TensorBoard add_image."""
+    out = {}
+    if result.get("position_similarity") is not None:
+        g = max(result["grid_size"])
+        out["position_similarity"] = similarity_tiles_image(result["position_similarity"], scale=max(1, 64 // g))
+    overlays = rollout_overlay_images(result["probe_images"], result["rollout"])  # (B, H, W, 3)
+    out["rollout"] = image_grid(overlays, ncols=min(8, overlays.shape[0]))
+    if result.get("filter_components") is not None:
+        out["patch_filters"] = filter_components_image(result["filter_components"],
+                                                       scale=max(1, 32 // result["patch_size"]))
+    return out
+
+
+def _figure(result: Dict[str, Any], name: str):
+    if name == "attention_distance":
+        return plot_attention_distance(result["attention_distance"], image_size=tuple(result["image_size"]),
+                                       title="Mean attention distance")
+    if name == "position_similarity" and result.get("position_similarity") is not None:
+        return plot_position_similarity(result["position_similarity"])
+    if name == "rollout":
+        return plot_rollout(result["probe_images"], result["rollout"])
+    if name == "patch_filters" and result.get("filter_components") is not None:
+        return plot_filter_components(result["filter_components"], result["filter_explained_variance"])
+    return None
+
+
+def _jsonable(x: Any, ndigits: int = 6) -> Any:
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return _jsonable(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x).tolist(), ndigits)
+    if isinstance(x, dict):
+        return {k: _jsonable(v, ndigits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v, ndigits) for v in x]
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return round(x, ndigits) if math.isfinite(x) else None  # strict JSON has no NaN
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def summary(result: Dict[str, Any]) -> Dict[str, Any]:
+    """The numbers of a result, JSON-ready (figures, images and probe pixels left out)."""
+    skip = {"figures", "images", "probe_images", "filter_components"}
+    out = {k: _jsonable(v) for k, v in result.items() if k not in skip}
+    if result.get("filter_components") is not None:
+        out["filter_components_shape"] = list(result["filter_components"].shape)
+    return out
+
+
+def save_report(result: Dict[str, Any], out_dir: str, extra: Optional[Dict[str, Any]] = None,
+                figures: bool = True) -> Dict[str, str]:
+    """Write analysis.json, attention_distance.csv, the pixel images (*_tiles.png) and, with figures=True, the
+    matplotlib figures as PNG into out_dir; returns name -> path.
+
+    Figures missing from result["figures"] are drawn here. extra: more JSON fields (e.g. step, epoch,
+    checkpoint path).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths: Dict[str, str] = {}
+    figs = dict(result.get("figures") or {})
+    for name in FIGURES if figures else ():
+        fig = figs.get(name) or _figure(result, name)
+        if fig is not None:
+            paths[name] = os.path.join(out_dir, f"{name}.png")
+            fig.savefig(paths[name], dpi=120)
+    for name, img in (result.get("images") or {}).items():
+        paths[f"{name}_tiles"] = os.path.join(out_dir, f"{name}_tiles.png")
+        _save_png(img, paths[f"{name}_tiles"])
+
+    paths["json"] = os.path.join(out_dir, "analysis.json")
+    record = {**_jsonable(extra or {}), **summary(result)}
+    with open(paths["json"], "w") as f:  # one key per line, arrays on one line: readable and diff-able
+        f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
+
+    paths["csv"] = os.path.join(out_dir, "attention_distance.csv")
+    d, share = result["attention_distance"], result["prefix_attention"]
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        # layers and heads numbered from 1, as on the figure's depth axis (layer l is model.blocks[l - 1])
+        w.writerow(["layer", "head", "mean_attention_distance_px", "prefix_attention_share"])
+        for layer in range(d.shape[0]):
+            for head in range(d.shape[1]):
+                w.writerow([layer + 1, head + 1, f"{d[layer, head]:.6g}", f"{share[layer, head]:.6g}"])
+    return paths
+
+
+def _save_png(img: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(img)).save(path)

@@ -1,0 +1,245 @@
+"""`vitx analyze`: the ViT paper's analyses of a saved checkpoint, without training.
+
+    vitx analyze --ckpt RUN/checkpoints/last.ckpt --images DIR|SHARDS --out OUT [--num-images 8]
+
+Rebuilds the VisionTransformer from the checkpoint's hyper-parameters (its ViTConfig, found wherever the task
+saved it: ViT, DeiT student or CLIP image tower), loads its weights, takes the first `--num-images` images of
+DIR (image files, sorted by path; or, if DIR holds WebDataset shards, its val-*.tar shards) or of a shard
+pattern, prepares them like the evaluation pipeline (resize + centre crop, normalised with the mean/std the
+model was trained with), and writes the figures and numbers of vit_experiments.analysis.report into OUT:
+mean attention distance per head against depth (Fig. 11 of Dosovitskiy et al. 2021), position-embedding
+similarity and its topology score (Fig. 9), attention rollout (Fig. 12) and the principal components of the
+patch-embedding filters (Fig. 10), as PNG, JSON and CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import torch
+
+from vit_experiments.models.vit import ViTConfig, VisionTransformer
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+PREFERRED_PREFIXES = ("model.", "model.visual.", "model.student.", "student.", "visual.", "")
+VIT_FIELDS = {f.name for f in dataclasses.fields(ViTConfig)}
+
+
+# -- the model ---------------------------------------------------------------------------------------------------
+def _vit_configs(hparams: Any, path: str = "") -> list[tuple[str, dict]]:
+    """(dotted key, dict) for every dict in the hyper-parameters that is a saved ViTConfig."""
+    found = []
+    if isinstance(hparams, dict):
+        keys = set(hparams)
+        if {"patch_size", "image_size", "embed_dim"} <= keys and keys <= VIT_FIELDS:
+            found.append((path, hparams))
+        for k, v in hparams.items():
+            found += _vit_configs(v, f"{path}.{k}" if path else str(k))
+    return found
+
+
+def _pick_config(hparams: dict, model_key: Optional[str]) -> tuple[str, dict]:
+    found = _vit_configs(hparams)
+    if model_key is not None:
+        for key, cfg in found:
+            if key == model_key:
+                return key, cfg
+        raise ValueError(f"--model-key {model_key!r} is not a ViT configuration in the checkpoint; "
+                         f"found: {[k for k, _ in found] or 'none'}")
+    if not found:
+        raise ValueError("the checkpoint's hyper_parameters hold no ViT configuration (a dict with image_size, "
+                         "patch_size, embed_dim, ...); is this a vitx checkpoint of a ViT, DeiT or CLIP task?")
+    if len(found) > 1:
+        for preferred in ("vit", "student", "vision", "clip.vision"):
+            for key, cfg in found:
+                if key == preferred:
+                    return key, cfg
+        raise ValueError(f"the checkpoint holds several ViT configurations {[k for k, _ in found]}; "
+                         "choose one with --model-key")
+    return found[0]
+
+
+def _pick_prefix(state: dict, cfg: ViTConfig, prefix: Optional[str]) -> str:
+    if prefix is not None:
+        if not any(k.startswith(prefix) for k in state):
+            raise ValueError(f"no weights under --prefix {prefix!r} in the checkpoint")
+        return prefix
+    want = (cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.patch_size)
+    suffix = "patch_embed.proj.weight"
+    found = [k[: -len(suffix)] for k, v in state.items() if k.endswith(suffix) and tuple(v.shape) == want]
+    if len(found) == 1:
+        return found[0]
+    for p in PREFERRED_PREFIXES:
+        if p in found:
+            return p
+    raise ValueError(f"cannot tell which weights belong to the ViT (candidates: {found or 'none'}); "
+                     "pass --prefix, e.g. --prefix model.")
+
+
+def load_vit(ckpt_path: str, model_key: Optional[str] = None, prefix: Optional[str] = None,
+             trust_checkpoint: bool = False) -> tuple[VisionTransformer, dict, dict]:
+    """(VisionTransformer with the checkpoint's weights, the checkpoint's hyper_parameters, {epoch, global_step})."""
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}; point --ckpt at RUN/checkpoints/last.ckpt")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=not trust_checkpoint)
+    except Exception as err:  # a pickled object other than tensors and plain types
+        raise ValueError(f"could not load {ckpt_path} safely ({type(err).__name__}: {err}); if you trust the "
+                         f"file, add --trust-checkpoint") from err
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint with hyper_parameters; `vitx analyze` rebuilds "
+                         "the model from them (use a checkpoint written by `vitx fit`)")
+    _, cfg_dict = _pick_config(hparams, model_key)
+    cfg = ViTConfig(**cfg_dict)
+    model = VisionTransformer(cfg)
+    state = ckpt["state_dict"]
+    p = _pick_prefix(state, cfg, prefix)
+    sub = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+    own = model.state_dict()
+    sub = {k: v for k, v in sub.items() if k in own}  # e.g. CLIP's projection sits next to the tower
+    missing = sorted(set(own) - set(sub))
+    if missing:
+        shown = f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        raise ValueError(f"the checkpoint's weights under {p!r} miss {shown}; pick the right ones with --prefix / "
+                         f"--model-key")
+    model.load_state_dict(sub)
+    return model.eval(), hparams, {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
+
+
+# -- the images --------------------------------------------------------------------------------------------------
+def _image_files(directory: str) -> list[str]:
+    files = []
+    for root, _, names in os.walk(directory):
+        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(files)
+
+
+def load_images(spec: str, size: int, num: int, crop_pct: float = 0.875) -> tuple[torch.Tensor, list[str]]:
+    """The first `num` images of a folder, a shard folder, a shard pattern or one image file -> (uint8 (n, 3, size,
+    size), names), prepared like the evaluation pipeline (resize the shorter side, centre crop)."""
+    from data_pipelines.streaming import expand_urls, iter_shard
+    from data_pipelines.transforms import decode_eval, image_bytes
+
+    items: list[tuple[str, bytes]] = []
+    if os.path.isdir(spec):
+        shards = sorted(glob.glob(os.path.join(spec, "val-*.tar"))) or sorted(glob.glob(os.path.join(spec, "*.tar")))
+        files = [] if shards else _image_files(spec)
+        if not shards and not files:
+            raise FileNotFoundError(f"{spec} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no .tar shards")
+        for f in files[:num]:
+            with open(f, "rb") as fh:
+                items.append((os.path.relpath(f, spec), fh.read()))
+    elif os.path.isfile(spec) and spec.lower().endswith(IMAGE_EXTENSIONS):
+        shards = []
+        with open(spec, "rb") as fh:
+            items.append((os.path.basename(spec), fh.read()))
+    else:
+        shards = expand_urls(spec)
+    for url in shards:
+        for _, sample, problem in iter_shard(url):
+            if len(items) >= num:
+                break
+            try:
+                if problem is None:
+                    items.append((sample["__key__"], image_bytes(sample)))
+            except KeyError:
+                continue  # a sample without an image (e.g. a text-only one)
+        if len(items) >= num:
+            break
+    if not items:
+        raise FileNotFoundError(f"no images found in {spec}")
+    arrays, names = [], []
+    for name, data in items[:num]:
+        try:
+            arrays.append(torch.from_numpy(decode_eval(data, size, crop_pct).copy()))
+        except Exception as err:
+            print(f"vitx analyze: skipping {name}: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        names.append(name)
+    if not arrays:
+        raise ValueError(f"none of the images in {spec} could be decoded")
+    return torch.stack(arrays).permute(0, 3, 1, 2).contiguous(), names  # (n, 3, size, size)
+
+
+# -- the command -------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vitx analyze",
+        description="Mean attention distance (ViT Fig. 11), position-embedding similarity (Fig. 9), attention "
+                    "rollout (Fig. 12) and patch-embedding filter components (Fig. 10) of a saved checkpoint.")
+    p.add_argument("--ckpt", required=True, help="a vitx/Lightning checkpoint, e.g. RUN/checkpoints/last.ckpt")
+    p.add_argument("--images", required=True,
+                   help="a folder of images, a folder of WebDataset shards (val-*.tar preferred), a shard pattern "
+                        "(data/shapes/val-{000000..000001}.tar) or one image file")
+    p.add_argument("--out", required=True, help="output folder for PNG, JSON and CSV")
+    p.add_argument("--num-images", type=int, default=8, help="probe images to analyse (default 8)")
+    p.add_argument("--rollout-token", type=int, default=0, help="0: class token; 1: DeiT's distillation token")
+    p.add_argument("--num-components", type=int, default=28, help="principal components of the filters to draw")
+    p.add_argument("--crop-pct", type=float, default=0.875, help="centre-crop fraction for images not at size")
+    p.add_argument("--mean", type=float, nargs="+", help="normalisation mean (default: the checkpoint's)")
+    p.add_argument("--std", type=float, nargs="+", help="normalisation std (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--model-key", default=None,
+                   help="hyper-parameter key of the ViT configuration when there are several (e.g. vit, clip.vision)")
+    p.add_argument("--prefix", default=None, help="state-dict prefix of the ViT weights (e.g. model. or model.visual.)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that need full unpickling (only for files you trust)")
+    return p
+
+
+def main_analyze(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+    from vit_experiments.analysis.report import analyze_model, save_report
+
+    if args.num_images < 1:
+        raise SystemExit("vitx analyze: --num-images must be >= 1")
+    try:
+        model, hparams, meta = load_vit(args.ckpt, args.model_key, args.prefix, args.trust_checkpoint)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vitx analyze: {err}", file=sys.stderr)
+        return 2
+    cfg = model.cfg
+    mean = args.mean or hparams.get("mean")
+    std = args.std or hparams.get("std")
+    if mean is None or std is None:
+        print("vitx analyze: the checkpoint names no mean/std; using ImageNet's (set --mean/--std otherwise)",
+              file=sys.stderr)
+        mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        images, names = load_images(args.images, cfg.image_size, args.num_images, args.crop_pct)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vitx analyze: {err}", file=sys.stderr)
+        return 2
+    if cfg.in_chans == 1:
+        images = images.float().mean(1, keepdim=True).round().to(torch.uint8)  # (n, 1, H, W) grayscale
+    if len(mean) != cfg.in_chans or len(std) != cfg.in_chans:
+        print(f"vitx analyze: mean/std need {cfg.in_chans} values, got {list(mean)} / {list(std)}", file=sys.stderr)
+        return 2
+    model.to(device)
+    result = analyze_model(model, normalize(images.to(device), mean, std), images, num_components=args.num_components,
+                           rollout_token=args.rollout_token)
+    extra = {"checkpoint": os.path.abspath(args.ckpt), "images": args.images, "image_names": names, **meta}
+    paths = save_report(result, args.out, extra=extra)
+    print(summary_text(result))
+    print(f"wrote {len(paths)} files to {args.out}")
+    return 0
+
+
+def summary_text(result: dict) -> str:
+    lines = [f"{result['num_images']} images, {result['num_layers']} layers x {result['num_heads']} heads, "
+             f"grid {result['grid_size'][0]}x{result['grid_size'][1]} of {result['patch_size']}-px patches, "
+             f"{result['num_prefix_tokens']} prefix token(s)",
+             "layer  mean attention distance (px): mean  min  max   prefix share"]
+    for i in range(result["num_layers"]):
+        lines.append(f"{i + 1:5d}  {result['distance_mean'][i]:8.2f} {result['distance_min'][i]:8.2f} "
+                     f"{result['distance_max'][i]:8.2f}   {result['prefix_attention'][i].mean():.3f}")
+    if result.get("topology_score") is not None:
+        lines.append(f"position-embedding topology score: {result['topology_score']:.3f}")
+    return "\n".join(lines)
