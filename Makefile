@@ -24,9 +24,11 @@ $(STAMP): pyproject.toml
 pretrain: install
 	$(BIN)/vitx fit --config conf/vit/pretrain.yaml $(ARGS)
 
-## Fine-tune the last pretrain checkpoint at 48 px (position embedding resampled, new zero-initialised head).
+## Fine-tune the newest pretrain checkpoint at 48 px (position embedding resampled, new zero-initialised head).
+PRETRAINED ?= $(shell ls -t runs/vit-pretrain/version_*/checkpoints/last.ckpt 2>/dev/null | head -1)
 finetune: install
-	$(BIN)/vitx fit --config conf/vit/finetune.yaml $(ARGS)
+	@test -n "$(PRETRAINED)" || { echo "no runs/vit-pretrain/*/checkpoints/last.ckpt: run 'make pretrain' first, or pass PRETRAINED=path.ckpt"; exit 2; }
+	$(BIN)/vitx fit --config conf/vit/finetune.yaml --model.init_from $(PRETRAINED) $(ARGS)
 
 ## CIFAR-10 from ../shared/data/cifar10 (or CIFAR10_SRC=...) to shards, then a ViT on it.
 CIFAR10_SRC ?= ../shared/data/cifar10/cifar10-jpg.tar.gz
@@ -34,6 +36,17 @@ cifar10-data: install
 	test -f data/cifar10/sizes.json || $(BIN)/vitx data from-folder $(CIFAR10_SRC) data/cifar10
 cifar10: cifar10-data
 	$(BIN)/vitx fit --config conf/vit/cifar10.yaml $(ARGS)
+
+## DeiT: train the demo ResNet teacher if there is none yet (conf/cnn/teacher-shapes.yaml), then distil a small ViT
+## from the newest one (conf/deit/distill-shapes.yaml). TEACHER=path.ckpt distils from another vitx classifier.
+.PHONY: teacher distill
+TEACHER      ?=
+TEACHER_CKPTS := runs/cnn-teacher-shapes/version_*/checkpoints/last.ckpt
+teacher: install
+	@test -n "$(TEACHER)" || ls $(TEACHER_CKPTS) >/dev/null 2>&1 || $(BIN)/vitx fit --config conf/cnn/teacher-shapes.yaml
+distill: teacher
+	$(BIN)/vitx fit --config conf/deit/distill-shapes.yaml \
+		--model.teacher_ckpt "$(or $(TEACHER),$$(ls -t $(TEACHER_CKPTS) | head -1))" $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)

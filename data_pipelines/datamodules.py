@@ -23,7 +23,7 @@ import torch
 from .samples import ImageLabelDecoder, ImageTextDecoder
 from .streaming import IGNORE_INDEX, ShardStream, StreamLoader, expand_urls
 from .transforms import mean_std
-from .writers import read_classes, write_synthetic
+from .writers import read_classes, shard_sizes_table, write_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,31 @@ def _shard_size_for(pattern: Optional[str], num_samples: int) -> int:
         return 1000
     count = sum(len(list(braceexpand.braceexpand(p))) for p in pattern.split("::") if p)
     return max(1, math.ceil(num_samples / max(1, count)))
+
+
+_warned_patterns: set[str] = set()
+
+
+def _warn_if_pattern_names_a_subset(pattern: str, urls: list[str]) -> None:
+    """A brace pattern written for 10 shards silently reads half of a 20-shard set; say so (once)."""
+    if pattern in _warned_patterns:
+        return
+    local = [u for u in urls if "://" not in u]
+    if not local or len(local) != len(urls):
+        return
+    directory, first = os.path.split(local[0])
+    prefix = first.rsplit("-", 1)[0] + "-"
+    listed = shard_sizes_table(directory)
+    if listed is None:
+        return
+    same_split = [k for k in listed if k.startswith(prefix)]
+    named = [u for u in local if os.path.dirname(u) == directory]
+    if len(same_split) > len(named):
+        _warned_patterns.add(pattern)
+        log.warning(
+            "%r names %d of the %d '%s*' shards listed in %s/sizes.json; the rest are not read",
+            pattern, len(named), len(same_split), prefix, directory,
+        )
 
 
 class _StreamingDataModule(L.LightningDataModule):
@@ -89,7 +114,9 @@ class _StreamingDataModule(L.LightningDataModule):
         pattern = self.hparams.train_shards if split == "train" else self.hparams.val_shards
         if not pattern:
             raise ValueError(f"no {split}_shards pattern given; {split} data is needed for this stage")
-        return expand_urls(pattern, allow_pipe=self.hparams.allow_pipe)
+        urls = expand_urls(pattern, allow_pipe=self.hparams.allow_pipe)
+        _warn_if_pattern_names_a_subset(pattern, urls)
+        return urls
 
     def _loader(self, split: str) -> StreamLoader:
         hp = self.hparams
@@ -113,11 +140,12 @@ class _StreamingDataModule(L.LightningDataModule):
     def train_dataloader(self) -> StreamLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> StreamLoader:
-        return self._loader("val")
+    def val_dataloader(self) -> StreamLoader | list:
+        # no validation shards: an empty list, which Lightning takes as "skip validation"
+        return self._loader("val") if self.hparams.val_shards else []
 
-    def test_dataloader(self) -> StreamLoader:
-        return self._loader("val")
+    def test_dataloader(self) -> StreamLoader | list:
+        return self.val_dataloader()
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -167,8 +195,6 @@ class ImageLabelDataModule(_StreamingDataModule):
         train_crop_ratio: range of the crop's aspect ratio.
         eval_crop_pct: evaluation center crop as a share of the shorter side (images already at image_size
             are used whole).
-        fast_decode: decode training JPEGs with libjpeg's fastest IDCT and plain chroma upsampling (about
-            1.4x faster; evaluation always decodes accurately).
         normalization: mean/std preset: imagenet, clip, cifar10 or half.
         mean: per-channel mean overriding the preset.
         std: per-channel std overriding the preset.
@@ -200,7 +226,6 @@ class ImageLabelDataModule(_StreamingDataModule):
         train_crop_scale: Optional[tuple[float, float]] = None,
         train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         eval_crop_pct: float = 0.875,
-        fast_decode: bool = True,
         normalization: str = "imagenet",
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
@@ -226,7 +251,7 @@ class ImageLabelDataModule(_StreamingDataModule):
             num_classes = None
         return ImageLabelDecoder(
             hp.image_size, crop_scale=tuple(scale), crop_ratio=tuple(hp.train_crop_ratio),
-            eval_crop_pct=hp.eval_crop_pct, fast_decode=hp.fast_decode, num_classes=num_classes,
+            eval_crop_pct=hp.eval_crop_pct, num_classes=num_classes,
         )
 
     def prepare_data(self) -> None:
@@ -307,8 +332,6 @@ class ImageTextDataModule(_StreamingDataModule):
         train_crop_scale: range of the random-resized crop's area share (CLIP used a mild crop).
         train_crop_ratio: range of the crop's aspect ratio.
         eval_crop_pct: evaluation center crop as a share of the shorter side.
-        fast_decode: decode training JPEGs with libjpeg's fastest IDCT and plain chroma upsampling (about
-            1.4x faster; evaluation always decodes accurately).
         normalization: mean/std preset (CLIP's by default).
         mean: per-channel mean overriding the preset.
         std: per-channel std overriding the preset.
@@ -337,7 +360,6 @@ class ImageTextDataModule(_StreamingDataModule):
         train_crop_scale: tuple[float, float] = (0.9, 1.0),
         train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         eval_crop_pct: float = 1.0,
-        fast_decode: bool = True,
         normalization: str = "clip",
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
@@ -355,7 +377,7 @@ class ImageTextDataModule(_StreamingDataModule):
         hp = self.hparams
         return ImageTextDecoder(
             hp.image_size, crop_scale=tuple(hp.train_crop_scale), crop_ratio=tuple(hp.train_crop_ratio),
-            eval_crop_pct=hp.eval_crop_pct, fast_decode=hp.fast_decode,
+            eval_crop_pct=hp.eval_crop_pct,
             caption=hp.caption if train else hp.val_caption,
             tokenizer=self.tokenizer,
         )

@@ -33,14 +33,13 @@ import logging
 import math
 import os
 import random
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
 
 import braceexpand
-import numpy as np
 import torch
 import torch.distributed as dist
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import _InfiniteConstantSampler
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
@@ -471,6 +470,22 @@ class ShardStream(IterableDataset):
 
     Yields whole batches (made in the dataloader worker, so use `StreamLoader` or `batch_size=None`).
     `len()` is the number of batches per rank per epoch when it is known (size file or epoch size given).
+
+    Args:
+        urls: shard pattern(s) for `expand_urls`.
+        decoder: the family's SampleDecoder (`samples.ImageLabelDecoder`, `samples.ImageTextDecoder`).
+        batch_size: samples per batch on this rank.
+        train: training (shuffled shards and samples, random crops, exact epoch quota) or validation
+            (every sample once across ranks, padded to equal batch counts under data parallelism).
+        seed: with the epoch (and rank, worker), seeds shard order, sample shuffle and augmentation.
+        shuffle_buffer: training samples (raw bytes) shuffled together per worker.
+        epoch_samples: the epoch size without a size file; with one, a smaller value shortens the epoch.
+        resampled: draw training shards with replacement (needs an epoch size).
+        max_error_rate: share of skipped samples past which a worker stops with a RuntimeError.
+        min_error_samples: samples a worker reads before the error rate is judged.
+        rank, world_size: this process's place; default torch.distributed's, else (0, 1).
+        allow_pipe: accept pipe: URLs (shell commands).
+        sizes: samples per shard, overriding the size file.
     """
 
     def __init__(
@@ -496,7 +511,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= max_error_rate <= 1.0:
             raise ValueError(f"max_error_rate must be in [0, 1], got {max_error_rate}")
-        self.urls = expand_urls(urls, allow_pipe=allow_pipe) if isinstance(urls, str) else list(urls)
+        self.urls = expand_urls(urls, allow_pipe=allow_pipe)
         self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls)
         if self.sizes is not None and len(self.sizes) != len(self.urls):
             raise ValueError(f"{len(self.sizes)} sizes for {len(self.urls)} shards")
@@ -670,10 +685,14 @@ class _EpochSampler(_InfiniteConstantSampler):
 
     def __init__(self, loader: "StreamLoader"):
         super().__init__()
-        self._loader = loader
+        # a weak reference: a cycle loader <-> sampler would keep the loader (and its persistent worker
+        # processes) alive until a garbage collection, which then stalls whatever code it interrupts
+        self._loader = weakref.ref(loader)
 
     def set_epoch(self, epoch: int) -> None:
-        self._loader.set_epoch(epoch)
+        loader = self._loader()
+        if loader is not None:
+            loader.set_epoch(epoch)
 
 
 class StreamLoader(DataLoader):
@@ -701,6 +720,9 @@ class StreamLoader(DataLoader):
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             **kwargs,
         )
+        # configuration errors (too few shards for ranks x workers, no epoch size under DDP) surface here,
+        # in the main process, rather than as a traceback from inside a worker
+        dataset.plan(0, dataset.rank, dataset.world_size, 0, max(1, num_workers))
         # Lightning calls set_epoch on loader.sampler; DataLoader forbids assigning it after __init__,
         # and an iterable-style loader only ever draws `None` from it, so swap in a sampler that forwards.
         object.__setattr__(self, "sampler", _EpochSampler(self))

@@ -82,15 +82,37 @@ def _read_json_beside(directory: str, name: str) -> Optional[object]:
         return None
 
 
+def shard_sizes_table(directory: str) -> Optional[dict[str, int]]:
+    """{shard file name: samples} of the sizes.json in `directory` (local or remote), or None."""
+    table = _read_json_beside(directory, SIZES_FILE)
+    return table if isinstance(table, dict) else None
+
+
+def _img2dataset_sizes(directory: str) -> Optional[dict[str, int]]:
+    """{shard: samples} from the `NNNNN_stats.json` files img2dataset writes beside local shards
+    ("successes" is the number of samples it wrote into NNNNN.tar)."""
+    from .sources import is_local, local_path
+
+    if not is_local(directory):
+        return None  # one request per shard would be too many; write a sizes.json for remote corpora
+    table = {}
+    for stats in Path(local_path(directory)).glob("*_stats.json"):
+        try:
+            table[stats.name[: -len("_stats.json")] + ".tar"] = int(json.loads(stats.read_text())["successes"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return table or None
+
+
 def shard_sizes(urls: Sequence[str]) -> Optional[list[int]]:
-    """Samples in each shard, from the sizes.json beside the shards; None if any shard is not listed."""
+    """Samples in each shard, from the sizes.json beside the shards (or, for local img2dataset output, its
+    per-shard `_stats.json` files); None if any shard is not listed."""
     by_dir: dict[str, Optional[dict]] = {}
     out = []
     for url in urls:
         directory, name = _dir_and_name(url)
         if directory not in by_dir:
-            table = _read_json_beside(directory, SIZES_FILE)
-            by_dir[directory] = table if isinstance(table, dict) else None
+            by_dir[directory] = shard_sizes_table(directory) or _img2dataset_sizes(directory)
         table = by_dir[directory]
         if table is None or name not in table:
             return None
@@ -331,11 +353,16 @@ def write_image_folder(
             items = items[:limit]
 
         def samples(items=items) -> Iterator[dict]:
+            used: set[str] = set()
             for _, cls, name, payload in items:
                 stem, ext = os.path.splitext(name)
                 data = payload.read_bytes() if isinstance(payload, Path) else payload
+                key = _safe_key(f"{cls}_{stem}")
+                while key in used:  # e.g. cat/001.jpg and cat/001.png: keys must be unique in a shard set
+                    key += "_"
+                used.add(key)
                 yield {
-                    "__key__": _safe_key(f"{cls}_{stem}"),
+                    "__key__": key,
                     IMAGE_EXTENSIONS[ext.lower()]: data,
                     "cls": _cls_bytes(index[cls]),
                 }

@@ -115,3 +115,21 @@ def test_skipped_samples_reach_the_logger(tmp_path):
     skipped = [m["data/train_samples_skipped"] for m in logger.metrics if "data/train_samples_skipped" in m]
     assert skipped and skipped[-1] == 1
     assert dm.bad_shards()["train"] == {"train-000000.tar": 1}
+
+
+def test_pattern_naming_part_of_a_shard_set_warns(tmp_path, shards, caplog):
+    pattern = shards([4, 4, 4, 4])  # train-{000000..000003}
+    partial = pattern.replace("000003", "000001")
+    dm = ImageLabelDataModule(train_shards=partial, val_shards=partial, num_workers=0, image_size=8, num_classes=16)
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    assert "names 2 of the 4 'train-*' shards" in caplog.text
+
+
+def test_too_few_shards_for_the_workers_fails_when_the_loader_is_made(shards):
+    pattern = shards([16])
+    dm = ImageLabelDataModule(train_shards=pattern, val_shards=pattern, num_workers=2, image_size=8, num_classes=16)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="1 training shard.*fewer\\s+workers"):
+        dm.train_dataloader()
+    assert len(list(dm.val_dataloader())) == 1  # validation is fine with fewer shards than workers

@@ -3,7 +3,6 @@ batch counts, padding of validation, bad data skipped and counted, the loader's 
 
 from __future__ import annotations
 
-import collections
 import os
 
 import pytest

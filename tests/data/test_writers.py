@@ -152,3 +152,12 @@ def test_caption_corpus_groups_captions_per_image(tmp_path):
         assert s["jpg"] == jpeg(i)
         assert s["txt"].decode().splitlines() == [f"caption {j} of image {i}" for j in range(3)]
         assert json.loads(s["json"])["image"] == f"im{i}.jpg"
+
+
+def test_img2dataset_stats_files_give_sizes(tmp_path):
+    from .conftest import write_tar
+
+    for shard, n in (("00000", 3), ("00001", 2)):
+        write_tar(tmp_path / f"{shard}.tar", [{"__key__": f"{shard}{i:04d}", "jpg": jpeg(i), "txt": b"a cat"} for i in range(n)])
+        (tmp_path / f"{shard}_stats.json").write_text(json.dumps({"count": 4, "successes": n, "failed_to_download": 1}))
+    assert shard_sizes(expand_urls(str(tmp_path / "{00000..00001}.tar"))) == [3, 2]
