@@ -205,8 +205,8 @@ def main_analyze(argv: Optional[Sequence[str]] = None) -> int:
         print(f"vitx analyze: {err}", file=sys.stderr)
         return 2
     cfg = model.cfg
-    mean = args.mean or hparams.get("mean")
-    std = args.std or hparams.get("std")
+    mean = args.mean or hparams.get("pixel_mean") or hparams.get("mean")  # the tasks save pixel_mean/pixel_std
+    std = args.std or hparams.get("pixel_std") or hparams.get("std")
     if mean is None or std is None:
         print("vitx analyze: the checkpoint names no mean/std; using ImageNet's (set --mean/--std otherwise)",
               file=sys.stderr)
