@@ -41,12 +41,23 @@ cifar10: cifar10-data
 ## from the newest one (conf/deit/distill-shapes.yaml). TEACHER=path.ckpt distils from another vitx classifier.
 .PHONY: teacher distill
 TEACHER      ?=
-TEACHER_CKPTS := runs/cnn-teacher-shapes/version_*/checkpoints/last.ckpt
+TEACHER_CKPTS := $(RUNS)/cnn-teacher-shapes/version_*/checkpoints/last.ckpt
 teacher: install
-	@test -n "$(TEACHER)" || ls $(TEACHER_CKPTS) >/dev/null 2>&1 || $(BIN)/vitx fit --config conf/cnn/teacher-shapes.yaml
+	@test -n "$(TEACHER)" || ls $(TEACHER_CKPTS) >/dev/null 2>&1 || \
+		$(BIN)/vitx fit --config conf/cnn/teacher-shapes.yaml --trainer.logger.init_args.save_dir $(RUNS)
 distill: teacher
-	$(BIN)/vitx fit --config conf/deit/distill-shapes.yaml \
+	$(BIN)/vitx fit --config conf/deit/distill-shapes.yaml --trainer.logger.init_args.save_dir $(RUNS) \
 		--model.teacher_ckpt "$(or $(TEACHER),$$(ls -t $(TEACHER_CKPTS) | head -1))" $(ARGS)
+
+## CLIP: write the captioned shapes corpus and train its caption tokenizer if absent, then contrastive pretraining
+## on the CPU (at most 10 minutes of training); zero-shot accuracy and retrieval recall land in TensorBoard.
+.PHONY: clip
+CLIP_DATA ?= data/shapes-captions
+clip: install
+	test -f $(CLIP_DATA)/sizes.json || $(BIN)/vitx data synth-captions $(CLIP_DATA)
+	test -f $(CLIP_DATA)/tokenizer.json || $(BIN)/vitx data train-tokenizer '$(CLIP_DATA)/train-{000000..000019}.tar' \
+		$(CLIP_DATA)/tokenizer.json --vocab-size 1024 --context-length 24
+	$(BIN)/vitx fit --config conf/clip/demo.yaml --trainer.accelerator cpu $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)

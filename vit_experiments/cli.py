@@ -16,7 +16,7 @@ import sys
 import tempfile
 from typing import Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -71,12 +71,30 @@ def resolve_config_files(argv: list[str]) -> list[str]:
     texts = [open(p).read() for p in paths]
     if not any("${" in t for t in texts):
         return argv
-    merged = OmegaConf.merge(*(OmegaConf.load(p) for p in paths))
+    merged = OmegaConf.create({})
+    for path in paths:
+        merged = OmegaConf.merge(merged, fold_appends(merged, OmegaConf.load(path)))
     resolved = OmegaConf.to_yaml(merged, resolve=True)
     out = tempfile.NamedTemporaryFile("w", prefix="vitx-config-", suffix=".yaml", delete=False)
     out.write(f"# merged and resolved from: {' '.join(paths)}\n{resolved}")
     out.close()
     return rest[:first] + ["--config", out.name] + rest[first:]
+
+
+def fold_appends(base: DictConfig, cfg: DictConfig) -> DictConfig:
+    """A later file's `key+: [...]` (jsonargparse's list append, e.g. `trainer.callbacks+` in an overlay)
+    extended by the list that the earlier files gave `key`: OmegaConf's merge would otherwise keep both keys, and
+    jsonargparse would then replace the list instead of appending to it."""
+    for key in list(cfg.keys()):
+        value = cfg[key]
+        name = str(key)[:-1]
+        if str(key).endswith("+") and isinstance(base.get(name), ListConfig):
+            added = OmegaConf.to_container(value) if isinstance(value, ListConfig) else [value]
+            cfg[name] = OmegaConf.to_container(base[name]) + added  # interpolations kept, resolved later
+            del cfg[key]
+        elif isinstance(value, DictConfig) and isinstance(base.get(key), DictConfig):
+            fold_appends(base[key], value)
+    return cfg
 
 
 def main(argv: Optional[list[str]] = None) -> None:

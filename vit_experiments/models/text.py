@@ -46,7 +46,9 @@ class TextConfig:
             if int(getattr(self, f)) <= 0:
                 raise ValueError(f"text.{f} must be a positive integer, got {getattr(self, f)}")
         if self.width % self.num_heads != 0:
-            raise ValueError(f"text.width {self.width} is not divisible by text.num_heads {self.num_heads}; pick a divisor")
+            raise ValueError(
+                f"text.width {self.width} is not divisible by text.num_heads {self.num_heads}; pick a divisor"
+            )
         if not 0 <= self.eot_token_id < self.vocab_size:
             raise ValueError(f"text.eot_token_id {self.eot_token_id} is outside the vocabulary [0, {self.vocab_size})")
 

@@ -20,10 +20,11 @@ from data_pipelines.streaming import IGNORE_INDEX
 from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_hflip
 from vit_experiments.models.pretrained import load_pretrained
 from vit_experiments.models.vit import ViTConfig, VisionTransformer
+from vit_experiments.scaling import FullyShardable
 from vit_experiments.tasks.optim import OptimConfig, build_optimizer
 
 
-class ImageClassifier(L.LightningModule):
+class ImageClassifier(FullyShardable, L.LightningModule):
     """A ViT trained with cross-entropy, AdamW and warm-up + cosine.
 
     Args:
@@ -116,6 +117,10 @@ class ImageClassifier(L.LightningModule):
             self.hparams["pixel_mean"], self.hparams["pixel_std"] = list(self.mean), list(self.std)
         for note in self.init_notes:
             self.print(f"init_from: {note}")
+
+    def on_fit_start(self) -> None:
+        if self.trainer.log_dir:
+            self.print(f"run directory: {self.trainer.log_dir} (TensorBoard: make tensorboard)")
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch[0], batch[1]

@@ -34,6 +34,7 @@ from vit_experiments.models.vit import ViTConfig, VisionTransformer
 from vit_experiments.tasks.optim import OptimConfig, build_optimizer
 
 TOKENIZER_KEY = "tokenizer"  # where the tokenizer's JSON lives in a checkpoint
+NORMALIZATION_KEY = "normalization"  # and the image mean and std the model was trained with
 
 
 def clip_config_from_dict(d: dict) -> CLIPConfig:
@@ -113,8 +114,9 @@ class ContrastivePretraining(L.LightningModule):
                              f"{tokenizer.eot_id}")
         self.tokenizer = tokenizer
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "tokenizer") and (dm.tokenizer is None or isinstance(dm.tokenizer, CaptionTokenizer)):
-            dm.tokenizer = tokenizer  # tokenise in the data workers
+        if dm is not None and hasattr(dm, "tokenizer"):
+            if dm.tokenizer is None or isinstance(dm.tokenizer, CaptionTokenizer):
+                dm.tokenizer = tokenizer  # tokenise in the data workers
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         if self.tokenizer is None:
@@ -138,7 +140,6 @@ class ContrastivePretraining(L.LightningModule):
         if self.mean is None or self.std is None:
             self.mean = tuple(getattr(dm, "mean", None) or CLIP_MEAN)
             self.std = tuple(getattr(dm, "std", None) or CLIP_STD)
-            self.hparams["mean"], self.hparams["std"] = list(self.mean), list(self.std)
         data_size = getattr(getattr(dm, "hparams", None), "image_size", None)
         if data_size is not None and data_size != self.model.cfg.vision.image_size:
             raise ValueError(
@@ -149,22 +150,33 @@ class ContrastivePretraining(L.LightningModule):
     def on_fit_start(self) -> None:
         # the tokenizer beside the run: the run directory alone is enough to use the model
         log_dir = self.trainer.log_dir
-        if self.trainer.is_global_zero and log_dir and self.tokenizer is not None:
+        # without a logger, log_dir is the working directory: the tokenizer is still saved in checkpoints
+        if self.trainer.is_global_zero and self.trainer.logger is not None and log_dir and self.tokenizer is not None:
             self.tokenizer.save(os.path.join(log_dir, "tokenizer.json"))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             checkpoint[TOKENIZER_KEY] = self.tokenizer.to_str()
+        if self.mean is not None:  # beside the hyperparameters, which must keep the values the user gave
+            checkpoint[NORMALIZATION_KEY] = {"mean": list(self.mean), "std": list(self.std)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if TOKENIZER_KEY in checkpoint:  # the model's own tokenizer wins over any file named in the config
             self.set_tokenizer(CaptionTokenizer.from_str(checkpoint[TOKENIZER_KEY]))
+        if self.mean is None and NORMALIZATION_KEY in checkpoint:
+            self.mean = tuple(checkpoint[NORMALIZATION_KEY]["mean"])
+            self.std = tuple(checkpoint[NORMALIZATION_KEY]["std"])
 
     # -- data on the accelerator ----------------------------------------------------------------------------
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the images are normalised with: given, else the data module's (set in setup), else CLIP's."""
+        return (self.mean or CLIP_MEAN), (self.std or CLIP_STD)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, texts = batch[0], batch[1]
         valid = batch[2] if len(batch) > 2 else torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-        images = normalize(images, self.mean, self.std)  # uint8 -> float32, on the accelerator
+        images = normalize(images, *self.normalization)  # uint8 -> float32, on the accelerator
         ids = texts if isinstance(texts, torch.Tensor) else self.tokenize(list(texts))  # (B, L)
         return images, ids, valid
 

@@ -117,16 +117,19 @@ def load_teacher(
         )
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     hp, state = ckpt.get("hyper_parameters") or {}, ckpt.get("state_dict") or {}
-    if "resnet" in hp:
-        model: nn.Module = ResNet(ResNetConfig(**hp["resnet"]))
-    elif "vit" in hp:
-        model = VisionTransformer(ViTConfig(**hp["vit"]))
-    else:
+    if "resnet" not in hp and "vit" not in hp:
         raise ValueError(
             f"{path} is not a vitx classifier checkpoint: its hyper_parameters have neither 'vit' nor 'resnet' "
             "(teachers are checkpoints written by `vitx fit` with ImageClassifier, CNNClassifier or "
             "DistillationClassifier)"
         )
+    # the weights come from the checkpoint: initialise without drawing from the global generator, so a run
+    # with a teacher and one without make the same random draws (student init, augmentation) from one seed
+    with torch.random.fork_rng(devices=[]):
+        if "resnet" in hp:
+            model: nn.Module = ResNet(ResNetConfig(**hp["resnet"]))
+        else:
+            model = VisionTransformer(ViTConfig(**hp["vit"]))
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     model.load_state_dict(weights, strict=True)
     mean, std = hp.get("mean") or IMAGENET_MEAN, hp.get("std") or IMAGENET_STD
@@ -226,10 +229,19 @@ class DistillationClassifier(L.LightningModule):
         self.save_hyperparameters(
             {
                 "_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-                "vit": asdict(vit), "optim": asdict(optim), "distillation": distillation,
-                "teacher_ckpt": teacher_ckpt, "alpha": alpha, "tau": tau, "label_smoothing": label_smoothing,
-                "augment": asdict(augment), "ema_decay": ema_decay, "ema_warmup": ema_warmup,
-                "layer_decay": layer_decay, "mean": list(mean) if mean else None, "std": list(std) if std else None,
+                "vit": asdict(vit),
+                "optim": asdict(optim),
+                "distillation": distillation,
+                "teacher_ckpt": teacher_ckpt,
+                "alpha": alpha,
+                "tau": tau,
+                "label_smoothing": label_smoothing,
+                "augment": asdict(augment),
+                "ema_decay": ema_decay,
+                "ema_warmup": ema_warmup,
+                "layer_decay": layer_decay,
+                "mean": list(mean) if mean else None,
+                "std": list(std) if std else None,
                 "init_from": init_from,
                 "reset_head": reset_head,
             }
