@@ -6,9 +6,9 @@ Shards the photos (300 ImageNet JPEGs, mostly 500x375), then times in the same p
 (torch.set_num_threads(1), no dataloader workers), in images per CPU-second of the process (= images/s
 per core, robust to other jobs on the machine):
 
-* vitx: `ShardStream` + `ImageLabelDecoder` at 224 px: JPEG decode at the DCT scale the crop needs,
-  random-resized crop as one box-resize, uint8 batches (normalisation and flips happen later on the
-  accelerator);
+* vitx: `ShardStream` + `ImageLabelDecoder` at 224 px: libjpeg-turbo decode at the DCT scale the crop
+  needs (fast IDCT for training views), random-resized crop as one antialiased resize, uint8 batches
+  (normalisation and flips happen later on the accelerator);
 * baseline: the common naive pipeline through webdataset itself: full-size PIL decode (`.decode("pil")`),
   PIL crop + resize, a normalised float32 tensor per sample, stacked into a batch.
 

@@ -195,6 +195,8 @@ class ImageLabelDataModule(_StreamingDataModule):
         train_crop_ratio: range of the crop's aspect ratio.
         eval_crop_pct: evaluation center crop as a share of the shorter side (images already at image_size
             are used whole).
+        fast_train_decode: training views use libjpeg's fast IDCT and chroma upsampling (13% faster, a few
+            grey levels of difference); evaluation views always use the accurate decoder.
         normalization: mean/std preset: imagenet, clip, cifar10 or half.
         mean: per-channel mean overriding the preset.
         std: per-channel std overriding the preset.
@@ -226,6 +228,7 @@ class ImageLabelDataModule(_StreamingDataModule):
         train_crop_scale: Optional[tuple[float, float]] = None,
         train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         eval_crop_pct: float = 0.875,
+        fast_train_decode: bool = True,
         normalization: str = "imagenet",
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
@@ -251,7 +254,7 @@ class ImageLabelDataModule(_StreamingDataModule):
             num_classes = None
         return ImageLabelDecoder(
             hp.image_size, crop_scale=tuple(scale), crop_ratio=tuple(hp.train_crop_ratio),
-            eval_crop_pct=hp.eval_crop_pct, num_classes=num_classes,
+            eval_crop_pct=hp.eval_crop_pct, fast_train_decode=hp.fast_train_decode, num_classes=num_classes,
         )
 
     def prepare_data(self) -> None:
@@ -332,6 +335,7 @@ class ImageTextDataModule(_StreamingDataModule):
         train_crop_scale: range of the random-resized crop's area share (CLIP used a mild crop).
         train_crop_ratio: range of the crop's aspect ratio.
         eval_crop_pct: evaluation center crop as a share of the shorter side.
+        fast_train_decode: training views use libjpeg's fast IDCT and chroma upsampling (see above).
         normalization: mean/std preset (CLIP's by default).
         mean: per-channel mean overriding the preset.
         std: per-channel std overriding the preset.
@@ -360,6 +364,7 @@ class ImageTextDataModule(_StreamingDataModule):
         train_crop_scale: tuple[float, float] = (0.9, 1.0),
         train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         eval_crop_pct: float = 1.0,
+        fast_train_decode: bool = True,
         normalization: str = "clip",
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
@@ -377,7 +382,7 @@ class ImageTextDataModule(_StreamingDataModule):
         hp = self.hparams
         return ImageTextDecoder(
             hp.image_size, crop_scale=tuple(hp.train_crop_scale), crop_ratio=tuple(hp.train_crop_ratio),
-            eval_crop_pct=hp.eval_crop_pct,
+            eval_crop_pct=hp.eval_crop_pct, fast_train_decode=hp.fast_train_decode,
             caption=hp.caption if train else hp.val_caption,
             tokenizer=self.tokenizer,
         )

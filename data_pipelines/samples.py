@@ -53,6 +53,7 @@ class ImageDecoder:
         crop_scale: tuple[float, float] = (0.08, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         eval_crop_pct: float = 0.875,
+        fast_train_decode: bool = True,
     ):
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
@@ -60,11 +61,12 @@ class ImageDecoder:
             raise ValueError(f"eval_crop_pct must be in (0, 1], got {eval_crop_pct}")
         self.image_size = image_size
         self.crop_scale, self.crop_ratio, self.eval_crop_pct = tuple(crop_scale), tuple(crop_ratio), eval_crop_pct
+        self.fast_train_decode = fast_train_decode  # libjpeg's fast IDCT for training views (transforms.decode_crop)
 
     def image(self, sample: dict, rng: random.Random, train: bool) -> np.ndarray:
         data = image_bytes(sample)
         if train:
-            return decode_train(data, self.image_size, rng, self.crop_scale, self.crop_ratio)
+            return decode_train(data, self.image_size, rng, self.crop_scale, self.crop_ratio, self.fast_train_decode)
         return decode_eval(data, self.image_size, self.eval_crop_pct)
 
     def blank(self) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""CPU decode (draft mode, crops) and accelerator batch ops (normalize, random_hflip)."""
+"""CPU decode (libjpeg-turbo and Pillow paths, DCT scaling, crops) and accelerator batch ops (normalize, random_hflip)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipelines import transforms
 from data_pipelines.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -53,6 +54,54 @@ def test_draft_decode_matches_full_decode():
     slow = np.asarray(img.resize((64, 64), Image.BILINEAR, box=box))
     assert fast.shape == (64, 64, 3) and fast.dtype == np.uint8
     assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 4
+
+
+def _photo_like(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour fields plus texture: JPEG chroma subsampling and IDCT both have work to do."""
+    rng = np.random.default_rng(seed)
+    base = _gradient(w, h).astype(np.float32)
+    noise = rng.normal(0, 12, (h // 4 + 1, w // 4 + 1, 3)).repeat(4, 0).repeat(4, 1)[:h, :w]
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.skipif(transforms.simplejpeg is None, reason="simplejpeg is not installed")
+@pytest.mark.parametrize("out_size", [96, 40])  # full-scale decode, and a 1/4 DCT-scaled one
+def test_turbo_path_matches_pillow_path(monkeypatch, out_size):
+    data = _encode(_photo_like(400, 300))
+    box = (50, 30, 370, 270)
+    turbo = decode_crop(data, out_size, lambda w, h: box)
+    monkeypatch.setattr(transforms, "simplejpeg", None)
+    pillow = decode_crop(data, out_size, lambda w, h: box)
+    assert turbo.shape == pillow.shape == (out_size, out_size, 3) and turbo.dtype == np.uint8
+    assert np.abs(turbo.astype(int) - pillow.astype(int)).mean() < 1.0  # same libjpeg, same filter
+
+
+@pytest.mark.skipif(transforms.simplejpeg is None, reason="simplejpeg is not installed")
+def test_fast_decode_is_close_to_accurate_and_used_for_training_views_only():
+    data = _encode(_photo_like(320, 240))
+    box = lambda w, h: (0, 0, w, h)  # noqa: E731
+    accurate = decode_crop(data, 240, box)
+    fast = decode_crop(data, 240, box, fast=True)
+    diff = np.abs(accurate.astype(int) - fast.astype(int))
+    assert 0 < diff.mean() < 3  # a different decoder, a few grey levels apart
+    # eval views are accurate; train views default to fast
+    assert np.array_equal(decode_eval(data, 240, crop_pct=1.0), decode_crop(data, 240, lambda w, h: (40, 0, 280, 240)))
+    whole = (0.999, 1.0)  # the whole 4:3 frame at a 4:3 ratio: the crop box is (0, 0, 320, 240)
+    assert np.array_equal(decode_train(data, 240, random.Random(0), whole, (4 / 3, 4 / 3)), decode_crop(data, 240, box, True))
+
+
+def test_resize_matches_pillow_antialiased_bilinear():
+    arr = _photo_like(300, 200)
+    for size, box in [(64, (10, 20, 250, 190)), (128, (0, 0, 300, 200)), (48, (100, 50, 130, 80))]:  # down, down, up
+        ours = transforms._resize_box(arr, box, size)
+        ref = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR, box=box))
+        assert np.abs(ours.astype(int) - ref.astype(int)).mean() < 1.0
+
+
+def test_image_of_wrong_size_without_crop_is_an_error():
+    for fmt in ("JPEG", "PNG"):  # libjpeg-turbo's path and Pillow's
+        with pytest.raises(ValueError, match="20x16, expected 16x16"):
+            decode_crop(_encode(_gradient(20, 16), fmt), 16, lambda w, h: None)
 
 
 def test_train_and_eval_views():
