@@ -47,7 +47,9 @@ PLACES = {  # (row, col) -> how a caption says it
     ("bottom", "left"): "in the bottom left corner", ("bottom", "centre"): "at the bottom",
     ("bottom", "right"): "in the bottom right corner",
 }
-# caption wordings: some name every attribute, some only a few (as human captions do)
+# caption wordings: some name every attribute, some only a few, some only the object (as human captions do).
+# Every one names the shape; those that name nothing else make the image tower tell shapes apart, where colour,
+# size and place would otherwise tell most pairs of a batch apart on their own.
 TEMPLATES = (
     "a {size} {colour} {shape} {place}.",
     "a {colour} {shape} {place}.",
@@ -57,6 +59,8 @@ TEMPLATES = (
     "a {size} {colour} {shape}.",
     "there is a {colour} {shape} {place}.",
     "a {shape} that is {colour} and {size}, {place}.",
+    "a {shape}.",
+    "a picture of a {shape}.",
 )
 
 
