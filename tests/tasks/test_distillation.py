@@ -275,9 +275,18 @@ def fitted_teacher(tiny_shapes, tmp_path_factory) -> Path:
     """`vitx fit` with the shipped teacher config, shrunk: a width-4 ResNet-18 on 16-px shapes, 2 steps."""
     runs = tmp_path_factory.mktemp("runs")
     main(["fit", "--config", TEACHER_CONFIG, *common_args(tiny_shapes, runs),
-          "--model.resnet.image_size", "16", "--data.image_size", "16", "--model.resnet.base_width", "4"])
+          "--model.resnet.image_size", "16", "--data.image_size", "16", "--model.resnet.base_width", "4",
+          "--data.normalization", "cifar10"])  # not the students' default: the teacher must keep its own
     (ckpt,) = (runs / "cnn-teacher-shapes").glob("*/checkpoints/last.ckpt")
     return ckpt
+
+
+def test_a_fitted_teacher_keeps_the_normalisation_its_data_module_gave_it(fitted_teacher):
+    teacher = load_teacher(fitted_teacher, IMAGENET_MEAN, IMAGENET_STD)
+    assert teacher.mean == pytest.approx(CIFAR10_MEAN) and teacher.std == pytest.approx(CIFAR10_STD)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    torch.testing.assert_close(teacher.adapt(normalize(images, IMAGENET_MEAN, IMAGENET_STD)),
+                               normalize(images, CIFAR10_MEAN, CIFAR10_STD))
 
 
 @pytest.mark.parametrize("kind", ["hard", "soft", "none"])

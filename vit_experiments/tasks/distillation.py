@@ -107,8 +107,8 @@ def load_teacher(
     path: str | Path, in_mean: Optional[Sequence[float]] = None, in_std: Optional[Sequence[float]] = None
 ) -> FrozenTeacher:
     """Rebuild a vitx classifier from its checkpoint (a Lightning `.ckpt`): the architecture from the
-    `hyper_parameters` (`vit` for ViT and DeiT, `resnet` for ResNet; `mean`/`std` for its normalisation,
-    ImageNet's when absent), the weights from `state_dict` under `model.`."""
+    `hyper_parameters` (`vit` for ViT and DeiT, `resnet` for ResNet; `pixel_mean`/`pixel_std`, else
+    `mean`/`std`, for its normalisation, ImageNet's when absent), the weights from `state_dict` under `model.`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -132,7 +132,10 @@ def load_teacher(
             model = VisionTransformer(ViTConfig(**hp["vit"]))
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     model.load_state_dict(weights, strict=True)
-    mean, std = hp.get("mean") or IMAGENET_MEAN, hp.get("std") or IMAGENET_STD
+    # the statistics the teacher was trained with: `pixel_mean`/`pixel_std` hold them once resolved (from the
+    # data module when the task was given none), `mean`/`std` are what a CNN task was given explicitly
+    mean = hp.get("pixel_mean") or hp.get("mean") or IMAGENET_MEAN
+    std = hp.get("pixel_std") or hp.get("std") or IMAGENET_STD
     return FrozenTeacher(model, model.cfg.image_size, mean, std, in_mean, in_std)
 
 
