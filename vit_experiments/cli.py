@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import warnings
 from typing import Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -21,6 +22,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lightning.pytorch.cli import LightningCLI
 
 TRAINING_VERBS = ("fit", "validate", "test", "predict")
+
+# Lightning warnings about choices vitx makes on purpose; each would otherwise print in every run.
+INTENDED = (
+    # the tasks normalise and augment batches on the accelerator in on_after_batch_transfer, with any datamodule
+    r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
+    # ImageThroughput logs images/s; model FLOPs utilisation is measured by `make bench`
+    r".*`ThroughputMonitor`, you need to define a `flops_per_batch`",
+)
 
 USAGE = """usage: vitx {fit,validate,test,predict,data,analyze} ...
 
@@ -111,6 +120,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if verb in (None, "help") or (verb not in TRAINING_VERBS and not verb.startswith("-")):
         print(USAGE, file=sys.stderr)
         sys.exit(0 if verb in (None, "help") else 2)
+    for message in INTENDED:
+        warnings.filterwarnings("ignore", message=message)
     VitxCLI(args=resolve_config_files(argv))
 
 
