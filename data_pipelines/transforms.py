@@ -98,9 +98,10 @@ def _resize_box(image: np.ndarray, box: tuple[float, float, float, float], size:
     h, w = image.shape[:2]
     x0, y0 = min(int(round(box[0])), w - 1), min(int(round(box[1])), h - 1)
     x1, y1 = max(int(round(box[2])), x0 + 1), max(int(round(box[3])), y0 + 1)
-    crop = torch.from_numpy(image[y0:y1, x0:x1]).permute(2, 0, 1)[None]  # (1, 3, h', w') uint8, a view
-    if crop.shape[-2:] == (size, size):
-        return np.ascontiguousarray(image[y0:y1, x0:x1])
+    region = image[y0:y1, x0:x1]  # (h', w', 3), a view
+    if region.shape[:2] == (size, size):
+        return np.ascontiguousarray(region)
+    crop = torch.from_numpy(region).permute(2, 0, 1)[None]  # (1, 3, h', w') uint8, a view
     out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0).numpy()  # (size, size, 3) uint8
 

@@ -18,6 +18,15 @@ def shared_data(name: str) -> Path:
     return path
 
 
+def scalar_tags(log_dir: Path) -> set[str]:
+    """The scalar tags of the TensorBoard events in a run directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory) -> Path:
     """A synthetic shapes corpus small enough to train on for a few steps: 16-px images, 4 train shards."""

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from vit_experiments.models.pretrained import saved_normalization
 from vit_experiments.models.vit import ViTConfig, VisionTransformer
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -205,8 +206,8 @@ def main_analyze(argv: Optional[Sequence[str]] = None) -> int:
         print(f"vitx analyze: {err}", file=sys.stderr)
         return 2
     cfg = model.cfg
-    mean = args.mean or hparams.get("pixel_mean") or hparams.get("mean")  # the tasks save pixel_mean/pixel_std
-    std = args.std or hparams.get("pixel_std") or hparams.get("std")
+    saved_mean, saved_std = saved_normalization(hparams)
+    mean, std = args.mean or saved_mean, args.std or saved_std
     if mean is None or std is None:
         print("vitx analyze: the checkpoint names no mean/std; using ImageNet's (set --mean/--std otherwise)",
               file=sys.stderr)

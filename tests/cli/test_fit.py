@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import REPO
+from tests.conftest import REPO, scalar_tags
 from vit_experiments.cli import main
 
 PRETRAIN = str(REPO / "conf" / "vit" / "pretrain.yaml")
@@ -34,12 +33,6 @@ def tiny_args(shapes: Path, runs: Path, *extra: str) -> list[str]:
         "--trainer.enable_progress_bar", "false",
         *extra,
     ]
-
-
-def scalar_tags(log_dir: Path) -> set[str]:
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
 
 
 @pytest.fixture(scope="module")

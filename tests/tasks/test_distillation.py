@@ -8,10 +8,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_pipelines.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, normalize
-from tests.conftest import REPO
+from tests.conftest import REPO, scalar_tags
 from vit_experiments.cli import main
 from vit_experiments.models.resnet import ResNetConfig
 from vit_experiments.models.vit import ViTConfig
@@ -262,12 +261,6 @@ def common_args(shapes: Path, runs: Path) -> list[str]:
         "--trainer.log_every_n_steps", "1",
         "--trainer.callbacks.window_size", "2",  # the last callback: ImageThroughput
     ]
-
-
-def scalar_tags(log_dir: Path) -> set[str]:
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
 
 
 @pytest.fixture(scope="module")

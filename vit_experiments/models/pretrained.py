@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -17,6 +18,16 @@ from torch import nn
 from .pos_embed import resample_abs_pos_embed
 
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+
+
+def saved_normalization(hparams: dict) -> tuple[Optional[list[float]], Optional[list[float]]]:
+    """The per-channel (mean, std) a vitx task was trained with, from its checkpoint's `hyper_parameters`.
+
+    The ViT and CNN classifiers keep the statistics they resolved (from the data module when given none) in
+    `pixel_mean`/`pixel_std`; the DeiT task, and the CNN task's explicit arguments, in `mean`/`std`. None where
+    the checkpoint names none.
+    """
+    return (hparams.get("pixel_mean") or hparams.get("mean"), hparams.get("pixel_std") or hparams.get("std"))
 
 
 def read_state_dict(path: str | Path, prefix: str = "model.") -> dict[str, torch.Tensor]:

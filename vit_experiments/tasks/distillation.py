@@ -29,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from data_pipelines.augment import MixupCutmix, RandAugment, random_erasing, repeat_batch
 from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_hflip
 from vit_experiments.losses import DISTILLATION_KINDS, IGNORE_INDEX, distillation_loss
-from vit_experiments.models.pretrained import load_pretrained
+from vit_experiments.models.pretrained import load_pretrained, saved_normalization
 from vit_experiments.models.resnet import ResNet, ResNetConfig
 from vit_experiments.models.vit import ViTConfig, VisionTransformer
 from vit_experiments.tasks.ema import build_ema
@@ -107,8 +107,8 @@ def load_teacher(
     path: str | Path, in_mean: Optional[Sequence[float]] = None, in_std: Optional[Sequence[float]] = None
 ) -> FrozenTeacher:
     """Rebuild a vitx classifier from its checkpoint (a Lightning `.ckpt`): the architecture from the
-    `hyper_parameters` (`vit` for ViT and DeiT, `resnet` for ResNet; `pixel_mean`/`pixel_std`, else
-    `mean`/`std`, for its normalisation, ImageNet's when absent), the weights from `state_dict` under `model.`."""
+    `hyper_parameters` (`vit` for ViT and DeiT, `resnet` for ResNet; its normalisation by
+    `saved_normalization`, ImageNet's when absent), the weights from `state_dict` under `model.`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -132,10 +132,8 @@ def load_teacher(
             model = VisionTransformer(ViTConfig(**hp["vit"]))
     weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     model.load_state_dict(weights, strict=True)
-    # the statistics the teacher was trained with: `pixel_mean`/`pixel_std` hold them once resolved (from the
-    # data module when the task was given none), `mean`/`std` are what a CNN task was given explicitly
-    mean = hp.get("pixel_mean") or hp.get("mean") or IMAGENET_MEAN
-    std = hp.get("pixel_std") or hp.get("std") or IMAGENET_STD
+    mean, std = saved_normalization(hp)
+    mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
     return FrozenTeacher(model, model.cfg.image_size, mean, std, in_mean, in_std)
 
 
