@@ -8,8 +8,10 @@ workers only decode and crop:
 
     uint8 batch -> repeat_batch -> random_hflip -> RandAugment -> normalize -> random_erasing -> MixupCutmix
 
-RandAugment works on [0, 255] pixel values (uint8 or float) and returns float; erasing fills with unit normal
-noise, so it follows normalisation; Mixup/CutMix come last and return soft targets with label smoothing folded in.
+RandAugment works on [0, 255] pixel values (uint8 or float) and returns float, its geometric operations
+following PIL's (and so timm's) conventions: shear pivots on the top-left corner, rotation on the centre, bicubic
+resampling as in DeiT's recipe. Erasing fills with unit normal noise, so it follows normalisation; Mixup/CutMix
+come last and return soft targets with label smoothing folded in.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def auto_contrast(x, m, sign, fill):
 def equalize(x, m, sign, fill):
     """Histogram equalisation per channel, PIL's algorithm: lut[i] = (step // 2 + #pixels below i) // step."""
     n, C, H, W = x.shape
-    v = x.round().clamp(0, 255).long().view(n * C, H * W)  # (nC, HW)
+    v = x.round().clamp(0, 255).long().reshape(n * C, H * W)  # (nC, HW); reshape: x may be channels-last
     hist = torch.zeros(n * C, 256, device=x.device).scatter_add_(1, v, torch.ones_like(v, dtype=torch.float))
     last = torch.where(hist > 0, torch.arange(256, device=x.device), -1).amax(dim=1)  # (nC,) top occupied value
     step = torch.div(H * W - hist.gather(1, last[:, None]).squeeze(1), 255, rounding_mode="floor")  # (nC,)
@@ -148,36 +150,53 @@ def sharpness(x, m, sign, fill):
 
 
 def _affine(x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """Resample x (n, C, H, W) at theta (n, 2, 3) (output -> input, normalised coordinates); pixels from outside
-    the image get `fill` (C,)."""
-    ones = torch.ones_like(x[:, :1])
+    """Resample x (n, C, H, W) at theta (n, 2, 3) (output -> input, normalised coordinates, align_corners=False),
+    as PIL's Image.transform does and so as timm's RandAugment sees it: bicubic (DeiT's recipe interpolates
+    bicubically), neighbours clamped at the edge, and a pixel whose source point falls outside the image takes
+    `fill` (C,) outright. Bicubic overshoots, so the result is clipped back into [0, 255]."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (n, H, W, 2)
-    out = F.grid_sample(torch.cat([x, ones], 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    img, inside = out[:, :-1], out[:, -1:]  # (n, C, H, W), (n, 1, H, W) share of the pixel inside the image
-    return img + (1 - inside) * fill.view(1, -1, 1, 1)
+    img = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)  # (n, C, H, W)
+    # PIL's test: source point (in pixel-edge units) in [0, W) x [0, H), i.e. [-1, 1) in normalised units
+    inside = ((grid >= -1) & (grid < 1)).all(dim=-1).unsqueeze(1)  # (n, 1, H, W)
+    return torch.where(inside, img, fill.view(1, -1, 1, 1).to(img.dtype)).clamp(0, 255)
 
 
 def _eye(n: int, x: torch.Tensor) -> torch.Tensor:
     return torch.eye(2, 3, device=x.device, dtype=x.dtype).repeat(n, 1, 1)  # (n, 2, 3)
 
 
+# In normalised coordinates a pixel offset along x is worth 2 / W and along y 2 / H, so an operation written in
+# pixels (as PIL's are) carries the aspect ratio H / W into theta's off-diagonal terms.
+
+
 def rotate(x, m, sign, fill):
-    a = torch.deg2rad(sign * 3.0 * m)  # up to 30 degrees
+    """About the image centre (PIL's Image.rotate), up to 30 degrees."""
+    H, W = x.shape[-2:]
+    a = torch.deg2rad(sign * 3.0 * m)
     theta = _eye(len(x), x)
-    theta[:, 0, 0], theta[:, 0, 1] = a.cos(), -a.sin()
-    theta[:, 1, 0], theta[:, 1, 1] = a.sin(), a.cos()
+    theta[:, 0, 0], theta[:, 0, 1] = a.cos(), -a.sin() * H / W
+    theta[:, 1, 0], theta[:, 1, 1] = a.sin() * W / H, a.cos()
     return _affine(x, theta, fill)
 
 
 def shear_x(x, m, sign, fill):
+    """PIL's AFFINE (1, s, 0, 0, 1, 0) as timm applies it: x_in = x + s * y in pixels, pivoting on the top-left
+    corner (not the centre: rows further down shift further, up to s * H), s up to 0.3."""
+    H, W = x.shape[-2:]
+    s = sign * 0.03 * m  # (n,)
     theta = _eye(len(x), x)
-    theta[:, 0, 1] = sign * 0.03 * m  # up to 0.3
+    theta[:, 0, 1] = s * H / W
+    theta[:, 0, 2] = s * H / W  # y = 0 (the top edge) is normalised -1: the shift that pins it in place
     return _affine(x, theta, fill)
 
 
 def shear_y(x, m, sign, fill):
+    """PIL's AFFINE (1, 0, 0, s, 1, 0): y_in = y + s * x in pixels, pivoting on the top-left corner."""
+    H, W = x.shape[-2:]
+    s = sign * 0.03 * m
     theta = _eye(len(x), x)
-    theta[:, 1, 0] = sign * 0.03 * m
+    theta[:, 1, 0] = s * W / H
+    theta[:, 1, 2] = s * W / H
     return _affine(x, theta, fill)
 
 

@@ -122,6 +122,56 @@ def test_geometric_ops_move_content_and_fill_the_border(photo):
     assert np.allclose(run_op("shear_x", photo, 0.0), photo, atol=1e-3)
 
 
+@pytest.fixture(scope="module")
+def wide_photo() -> np.ndarray:
+    """A 20x28 (not square, so the aspect ratio matters) RGB image: smooth structure plus noise."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:20, 0:28]
+    base = np.stack([yy * 8, xx * 6 + 40, (yy + xx) * 3 + 60], -1) + rng.integers(-20, 20, (20, 28, 3))
+    return base.clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("name, affine", [("shear_x", lambda s: (1, s, 0, 0, 1, 0)), ("shear_y", lambda s: (1, 0, 0, s, 1, 0))])
+def test_shear_matches_pillow_affine_about_the_top_left_corner(wide_photo, name, affine, sign):
+    """timm's shear is PIL's Image.transform(AFFINE, (1, s, 0, 0, 1, 0), BICUBIC): the top-left corner stays put.
+    A centre pivot would be off by s * H / 2 = 2.7 px here (a mean error of tens of levels)."""
+    m = 9.0
+    img = Image.fromarray(wide_photo)
+    ref = img.transform(img.size, Image.AFFINE, affine(sign * 0.03 * m), resample=Image.BICUBIC, fillcolor=(128,) * 3)
+    got = run_op(name, wide_photo, m, sign)
+    diff = np.abs(got - np.asarray(ref).astype(float))  # torch's cubic kernel (a = -0.75) is not Pillow's exactly
+    assert diff.mean() < 1.5 and diff.max() < 12, (diff.mean(), diff.max())
+    bilinear = img.transform(img.size, Image.AFFINE, affine(sign * 0.03 * m), resample=Image.BILINEAR, fillcolor=(128,) * 3)
+    assert diff.mean() < np.abs(got - np.asarray(bilinear).astype(float)).mean()  # bicubic, as DeiT's recipe
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rotate_matches_pillow_about_the_centre(wide_photo, sign):
+    img = Image.fromarray(wide_photo)
+    ref = np.asarray(img.rotate(sign * 27.0, resample=Image.BICUBIC, fillcolor=(128,) * 3)).astype(float)
+    diff = np.abs(run_op("rotate", wide_photo, 9.0, sign) - ref)
+    assert diff.mean() < 1.5, diff.mean()
+
+
+def test_bicubic_overshoot_is_clipped_into_pixel_range():
+    checker = ((np.indices((16, 16)).sum(0) % 2) * 255).astype(np.uint8)  # the worst case for a cubic kernel
+    img = np.repeat(checker[..., None], 3, -1)
+    for name in ("rotate", "shear_x", "shear_y", "translate_x"):
+        out = run_op(name, img, 4.3)
+        assert out.min() >= 0 and out.max() <= 255, name
+
+
+def test_equalize_on_a_channels_last_batch():
+    x = torch.randint(0, 256, (4, 3, 12, 10), dtype=torch.uint8).float()
+    cl = x.to(memory_format=torch.channels_last)
+    assert not cl.is_contiguous()
+    args = torch.full((4,), 9.0), torch.ones(4), torch.full((3,), 128.0)
+    torch.testing.assert_close(RAND_AUGMENT_OPS["equalize"](cl, *args), RAND_AUGMENT_OPS["equalize"](x, *args))
+    out = RandAugment(num_ops=2, prob=1.0)(cl.to(torch.uint8), generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 255  # every operation takes channels-last
+
+
 def test_rand_augment_batch_is_per_sample_and_in_range():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
