@@ -9,9 +9,21 @@ from a frozen teacher on the second.
     soft:  (1 - a) * CE(cls, y) + a * tau^2 * KL(softmax(teacher / tau) || softmax(dist / tau))   (Hinton et al. 2015)
 
 `y` is either integer labels (B,) or a distribution over classes (B, K) such as the mixed targets of Mixup and
-CutMix (label smoothing already folded in). The KL divergence is summed over classes and averaged over the
-batch (the divergence of the two distributions, per sample); tau^2 keeps its gradient on the scale of the
+CutMix (label smoothing already folded in). tau^2 keeps the KL term's gradient on the scale of the
 cross-entropy's as tau grows (Hinton et al.).
+
+How the KL divergence is reduced (`kl_reduction`):
+
+    "batchmean"  summed over the K classes, averaged over the B samples: the divergence of the two distributions
+                 per sample, the paper's formula (the default).
+    "mean"       averaged over all B * K entries, i.e. "batchmean" / K: what DeiT's released code computes
+                 (`F.kl_div(..., reduction='sum') * T * T / outputs_kd.numel()`, facebookresearch/deit #61), so
+                 alpha and tau taken from its runs reproduce them only with "mean".
+
+Translating between them at the same tau: the "mean" loss with alpha is c times the "batchmean" loss with
+alpha' = alpha / (alpha + K * (1 - alpha)), where c = 1 - alpha + alpha / K (an overall scale, which Adam-type
+optimisers all but ignore). E.g. DeiT's alpha = 0.5 over K = 1000 classes is alpha' = 0.5 / 500.5 ~ 0.001 here;
+conversely "batchmean" with alpha' is "mean" with alpha = K * alpha' / (1 - alpha' + K * alpha').
 """
 
 from __future__ import annotations
@@ -21,8 +33,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from data_pipelines.constants import IGNORE_INDEX  # a padding sample's label; re-exported for the tasks
+from data_pipelines.distributed import rank_world
+
 DISTILLATION_KINDS = ("none", "soft", "hard")
-IGNORE_INDEX = -100  # a padding sample's label (F.cross_entropy's default ignore_index)
+KL_REDUCTIONS = ("batchmean", "mean")  # the paper's per-sample KL; DeiT's released code's per-entry mean
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -36,11 +51,16 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing, ignore_index=IGNORE_INDEX)
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)), summed over classes, mean over the batch."""
+def distillation_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float, kl_reduction: str = "batchmean"
+) -> torch.Tensor:
+    """tau^2 * KL(softmax(teacher / tau) || softmax(student / tau)): summed over classes and averaged over the
+    batch ("batchmean"), or averaged over batch and classes ("mean", DeiT's released code: 1/K of the former)."""
+    if kl_reduction not in KL_REDUCTIONS:
+        raise ValueError(f"unknown kl_reduction {kl_reduction!r}; choose one of {', '.join(KL_REDUCTIONS)}")
     log_p_student = F.log_softmax(student_logits.float() / tau, dim=-1)  # (B, K)
     log_p_teacher = F.log_softmax(teacher_logits.float() / tau, dim=-1)  # (B, K)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction=kl_reduction, log_target=True)
     return kl * tau * tau
 
 
@@ -66,10 +86,12 @@ def soft_distillation_loss(
     alpha: float,
     tau: float,
     label_smoothing: float = 0.0,
+    kl_reduction: str = "batchmean",
 ) -> torch.Tensor:
-    """(1 - alpha) * CE(cls, y) + alpha * tau^2 * KL(softmax(teacher / tau) || softmax(dist / tau))."""
+    """(1 - alpha) * CE(cls, y) + alpha * tau^2 * KL(softmax(teacher / tau) || softmax(dist / tau)), the KL
+    reduced by `kl_reduction` (see the module docstring for how alpha translates between the two)."""
     ce = soft_target_cross_entropy(cls_logits, targets, label_smoothing)
-    return (1.0 - alpha) * ce + alpha * distillation_kl(dist_logits, teacher_logits, tau)
+    return (1.0 - alpha) * ce + alpha * distillation_kl(dist_logits, teacher_logits, tau, kl_reduction)
 
 
 def no_distillation_loss(
@@ -90,8 +112,10 @@ def distillation_loss(
     alpha: float = 0.5,
     tau: float = 1.0,
     label_smoothing: float = 0.0,
+    kl_reduction: str = "batchmean",
 ) -> torch.Tensor:
-    """The DeiT loss of `kind` ("none", "soft", "hard"); see the module docstring."""
+    """The DeiT loss of `kind` ("none", "soft", "hard"); see the module docstring. `alpha`, `tau` and
+    `kl_reduction` are used by "soft" only: "hard" weighs its two terms 0.5 each whatever alpha is."""
     if kind not in DISTILLATION_KINDS:
         raise ValueError(f"unknown distillation {kind!r}; choose one of {', '.join(DISTILLATION_KINDS)}")
     if kind == "none":
@@ -100,18 +124,14 @@ def distillation_loss(
         raise ValueError(f"distillation {kind!r} needs the teacher's logits; use 'none' to train without a teacher")
     if kind == "hard":
         return hard_distillation_loss(cls_logits, dist_logits, targets, teacher_logits, label_smoothing)
-    return soft_distillation_loss(cls_logits, dist_logits, targets, teacher_logits, alpha, tau, label_smoothing)
+    return soft_distillation_loss(
+        cls_logits, dist_logits, targets, teacher_logits, alpha, tau, label_smoothing, kl_reduction
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Contrastive (CLIP): Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 # Supervision", Fig. 3: symmetric cross-entropy over the image-text similarity matrix of the (global) batch.
-
-
-def _clip_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -120,7 +140,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = _clip_rank_world()
+        rank, world = rank_world()
         ctx.rank, ctx.world, ctx.rows = rank, world, x.shape[0]
         parts = [torch.empty_like(x) for _ in range(world)]
         torch.distributed.all_gather(parts, x.contiguous())
@@ -145,7 +165,7 @@ def gather_features(features: torch.Tensor) -> torch.Tensor:
     Every process must pass the same B. With one process (or no process group) the features come back as
     they are.
     """
-    _, world = _clip_rank_world()
+    _, world = rank_world()
     if world == 1:
         return features
     return _GatherWithGrad.apply(features)
@@ -173,7 +193,7 @@ def contrastive_loss(
             f"image and text features must both be (B, E), got {tuple(image_features.shape)} and "
             f"{tuple(text_features.shape)}"
         )
-    rank = _clip_rank_world()[0] if gather else 0
+    rank = rank_world()[0] if gather else 0
     with torch.autocast(device_type=image_features.device.type, enabled=False):
         image_features, text_features = image_features.float(), text_features.float()
         all_images = gather_features(image_features) if gather else image_features  # (N, E), N = W * B

@@ -106,3 +106,31 @@ def test_bad_kind_and_missing_teacher_are_clear_errors():
         distillation_loss("medium", t(CLS), t(DIST), torch.tensor(LABELS))
     with pytest.raises(ValueError, match="teacher"):
         distillation_loss("hard", t(CLS), t(DIST), torch.tensor(LABELS))
+
+
+def test_deit_released_kl_reduction_is_the_paper_kl_over_k():
+    """facebookresearch/deit #61: the released code divides the summed KL by B * K (torch's reduction "mean"),
+    the paper's formula by B only ("batchmean"): exactly a factor K = 3 here."""
+    paper = distillation_kl(t(DIST), t(TEACHER), tau=2.0)
+    released = distillation_kl(t(DIST), t(TEACHER), tau=2.0, kl_reduction="mean")
+    assert paper.item() == pytest.approx(3 * released.item(), rel=1e-6)  # computed in fp32
+    expected = 4.0 * sum(kl(softmax(TEACHER[i], 2.0), softmax(DIST[i], 2.0)) for i in range(2)) / (2 * 3)
+    assert released.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_alpha_translates_between_kl_reductions_as_documented():
+    """"mean" with alpha == (1 - alpha + alpha / K) * "batchmean" with alpha' = alpha / (alpha + K (1 - alpha))."""
+    K, alpha, tau = 3, 0.5, 3.0
+    labels = torch.tensor(LABELS)
+    released = distillation_loss("soft", targets=labels, alpha=alpha, tau=tau, kl_reduction="mean", **LOGITS)
+    alpha_paper = alpha / (alpha + K * (1 - alpha))
+    paper = distillation_loss("soft", targets=labels, alpha=alpha_paper, tau=tau, **LOGITS)
+    assert released.item() == pytest.approx((1 - alpha + alpha / K) * paper.item(), rel=1e-6)
+    default = distillation_loss("soft", targets=labels, alpha=alpha, tau=tau, **LOGITS)
+    explicit = distillation_loss("soft", targets=labels, alpha=alpha, tau=tau, kl_reduction="batchmean", **LOGITS)
+    assert default.item() == explicit.item()  # the paper's formula stays the default
+
+
+def test_unknown_kl_reduction_is_a_clear_error():
+    with pytest.raises(ValueError, match="batchmean, mean"):
+        distillation_kl(t(DIST), t(TEACHER), tau=1.0, kl_reduction="sum")

@@ -3,7 +3,9 @@
 The protocol of Karpathy & Fei-Fei 2015 ("Deep Visual-Semantic Alignments for Generating Image Descriptions")
 used by CLIP (Radford et al. 2021, Table 13): text -> image R@k is the share of captions whose image is among
 the k images most similar to it; image -> text R@k is the share of images for which *any* of their captions is
-among the k most similar captions. Ties count against the query, so a collapsed model scores chance, not 1.
+among the k most similar captions. Ties count against the query: a query's rank is the number of wrong candidates
+scoring at least as high as its best right one, so a collapsed model (every similarity equal) scores 0 at every k
+below the number of wrong candidates (not chance, and not the 1 that ties counted for the query would give).
 """
 
 from __future__ import annotations
