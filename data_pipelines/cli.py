@@ -118,8 +118,8 @@ def main_data(argv: Optional[Sequence[str]] = None) -> int:
             _print_patterns(patterns, time.time() - start)
         elif args.command == "inspect":
             from .inspection import format_report, inspect_shards
-            from .streaming import expand_urls
-            from .writers import read_classes
+            from .metadata import read_classes
+            from .urls import expand_urls
 
             report = inspect_shards(args.pattern, verify=args.verify, write_size_file=args.write_sizes, allow_pipe=args.allow_pipe)
             if args.json:

@@ -16,35 +16,27 @@ import math
 import os
 from typing import Any, Callable, Optional
 
-import braceexpand
 import lightning as L
 import torch
 
+from .constants import IGNORE_INDEX
+from .metadata import read_classes, shard_sizes_table
 from .samples import ImageLabelDecoder, ImageTextDecoder
-from .streaming import IGNORE_INDEX, ShardStream, StreamLoader, expand_urls
+from .streaming import ShardStream, StreamLoader
 from .transforms import mean_std
-from .writers import read_classes, shard_sizes_table, write_synthetic
+from .urls import expand_urls, pattern_count, pattern_dir
+from .writers import write_synthetic
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ImageLabelDataModule", "ImageTextDataModule", "DataStatsLogger", "IGNORE_INDEX"]
 
 
-def _pattern_dir(pattern: str) -> str:
-    """The directory part of a local shard pattern (before any brace or glob)."""
-    head = pattern.split("::")[0]
-    for ch in "{*?[":
-        head = head.split(ch)[0]
-    return os.path.dirname(head) or "."
-
-
 def _shard_size_for(pattern: Optional[str], num_samples: int) -> int:
     """Samples per shard so that a brace pattern's shard count is exactly what gets written
     (`train-{000000..000009}.tar` -> 10 shards); 1000 for patterns whose count cannot be read off."""
-    if not pattern or any(c in pattern for c in "*?[") or "://" in pattern:
-        return 1000
-    count = sum(len(list(braceexpand.braceexpand(p))) for p in pattern.split("::") if p)
-    return max(1, math.ceil(num_samples / max(1, count)))
+    count = pattern_count(pattern) if pattern else None
+    return 1000 if count is None else max(1, math.ceil(num_samples / max(1, count)))
 
 
 _warned_patterns: set[str] = set()
@@ -73,15 +65,81 @@ def _warn_if_pattern_names_a_subset(pattern: str, urls: list[str]) -> None:
 
 
 class _StreamingDataModule(L.LightningDataModule):
-    """What both datamodules share: shard resolution, rank/world from the trainer, loaders, stats."""
+    """What both datamodules share: their common arguments, shard resolution, rank/world from the trainer,
+    loaders, class names, read/skip statistics. A subclass adds its own arguments and its `_decoder`.
 
-    def __init__(self) -> None:
+    Args:
+        train_shards: training shards: a brace pattern (`dir/train-{000000..000099}.tar`), '::'-separated
+            patterns, http(s):// or cloud URLs.
+        val_shards: validation shards, same forms.
+        batch_size: samples per batch per device.
+        image_size: side of the square images the model sees.
+        num_workers: dataloader worker processes per device (0 reads in the main process).
+        shuffle_buffer: training samples shuffled together in each worker's buffer (raw bytes are buffered).
+        seed: seeds shard order, sample shuffle and augmentation together with the epoch and rank.
+        train_samples: training epoch size; needed when there is no sizes.json (and for resampled streams),
+            caps the epoch when smaller than the corpus.
+        val_samples: validation size when there is no sizes.json.
+        max_error_rate: fraction of samples that may be skipped as corrupt before the run stops.
+        resampled: draw training shards with replacement (no epochs over the corpus; needs an epoch size).
+        train_crop_scale: range of the random-resized crop's area share; default (0.08, 1) for images larger
+            than 64 px, a milder (0.35, 1) for small images (32 px corpora lose too much with 0.08).
+        train_crop_ratio: range of the crop's aspect ratio.
+        eval_crop_pct: evaluation center crop as a share of the shorter side (images already at image_size
+            are used whole).
+        fast_train_decode: training views use libjpeg's fast IDCT and chroma upsampling (13% faster, a few
+            grey levels of difference); evaluation views always use the accurate decoder.
+        normalization: mean/std preset: imagenet, clip, cifar10 or half.
+        mean: per-channel mean overriding the preset.
+        std: per-channel std overriding the preset.
+        pin_memory: pin batches for faster host-to-GPU copies; default: when CUDA is available.
+        persistent_workers: keep dataloader workers alive between epochs.
+        prefetch_factor: batches each worker prepares ahead.
+        allow_pipe: accept `pipe:` URLs (they run shell commands; off by default).
+    """
+
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: Optional[str] = None,
+        batch_size: int = 64,
+        image_size: int = 224,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        train_samples: Optional[int] = None,
+        val_samples: Optional[int] = None,
+        max_error_rate: float = 0.01,
+        resampled: bool = False,
+        train_crop_scale: Optional[tuple[float, float]] = None,
+        train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        eval_crop_pct: float = 0.875,
+        fast_train_decode: bool = True,
+        normalization: str = "imagenet",
+        mean: Optional[tuple[float, float, float]] = None,
+        std: Optional[tuple[float, float, float]] = None,
+        pin_memory: Optional[bool] = None,
+        persistent_workers: bool = True,
+        prefetch_factor: Optional[int] = 2,
+        allow_pipe: bool = False,
+        **own: Any,
+    ) -> None:
         super().__init__()
+        mean_std(normalization)  # fail early on an unknown preset
+        shared = {k: v for k, v in locals().items() if k not in ("self", "own", "__class__")}
+        # one flat hparams namespace (what checkpoints and `self.hparams.x` see): the shared arguments and the
+        # subclass's own, which it passes here as keywords
+        self.save_hyperparameters({**shared, **own})
         self._streams: dict[str, ShardStream] = {}
+        self._class_names: Optional[list[str]] = None
 
     # -- subclasses provide --------------------------------------------------------------------------------
     def _decoder(self, train: bool) -> Any:
         raise NotImplementedError
+
+    def _crop_scale(self) -> tuple[float, float]:
+        hp = self.hparams
+        return tuple(hp.train_crop_scale or ((0.35, 1.0) if hp.image_size <= 64 else (0.08, 1.0)))
 
     # -- shared ----------------------------------------------------------------------------------------------
     def _rank_world(self) -> tuple[Optional[int], Optional[int]]:
@@ -148,6 +206,36 @@ class _StreamingDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     @property
+    def image_size(self) -> int:
+        return self.hparams.image_size
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """Label names from classes.json beside the train (else val) shards, or None when there is none."""
+        if self._class_names is None:
+            for pattern in (self.hparams.train_shards, self.hparams.val_shards):
+                if not pattern:
+                    continue
+                try:
+                    names = read_classes(expand_urls(pattern, allow_pipe=self.hparams.allow_pipe))
+                except FileNotFoundError:
+                    continue
+                if names:
+                    self._class_names = names
+                    break
+        return self._class_names
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Number of classes: the num_classes argument where there is one, else the length of classes.json;
+        None when neither is known."""
+        explicit = self.hparams.get("num_classes")
+        if explicit is not None:
+            return explicit
+        names = self.class_names
+        return None if names is None else len(names)
+
+    @property
     def mean(self) -> tuple[float, ...]:
         return tuple(self.hparams.mean) if self.hparams.mean is not None else mean_std(self.hparams.normalization)[0]
 
@@ -173,37 +261,16 @@ class _StreamingDataModule(L.LightningDataModule):
 class ImageLabelDataModule(_StreamingDataModule):
     """Image-classification shards (`jpg` + `cls`) for ViT and DeiT; batches (uint8 (B, 3, S, S), int64 (B,)).
 
+    Takes every argument of the shared base (`train_shards`, `batch_size`, `image_size`, ...; see
+    `_StreamingDataModule`) and these:
+
     Args:
         train_shards: training shards: a brace pattern (`dir/train-{000000..000099}.tar`), '::'-separated
             patterns, http(s):// or cloud URLs.
         val_shards: validation shards, same forms.
-        batch_size: samples per batch per device.
-        image_size: side of the square images the model sees.
-        num_workers: dataloader worker processes per device (0 reads in the main process).
-        shuffle_buffer: training samples shuffled together in each worker's buffer (raw bytes are buffered).
-        seed: seeds shard order, sample shuffle and augmentation together with the epoch and rank.
-        train_samples: training epoch size; needed when there is no sizes.json (and for resampled streams),
-            caps the epoch when smaller than the corpus.
-        val_samples: validation size when there is no sizes.json.
-        max_error_rate: fraction of samples that may be skipped as corrupt before the run stops.
+        num_classes: number of classes; read from classes.json beside the shards when not given.
         synthesize_if_missing: when the train shards match nothing, prepare_data() writes the synthetic
             shapes corpus into the pattern's directory (demo runs without any download).
-        num_classes: number of classes; read from classes.json beside the shards when not given.
-        resampled: draw training shards with replacement (no epochs over the corpus; needs an epoch size).
-        train_crop_scale: range of the random-resized crop's area share; default (0.08, 1) for images larger
-            than 64 px, a milder (0.35, 1) for small images (32 px corpora lose too much with 0.08).
-        train_crop_ratio: range of the crop's aspect ratio.
-        eval_crop_pct: evaluation center crop as a share of the shorter side (images already at image_size
-            are used whole).
-        fast_train_decode: training views use libjpeg's fast IDCT and chroma upsampling (13% faster, a few
-            grey levels of difference); evaluation views always use the accurate decoder.
-        normalization: mean/std preset: imagenet, clip, cifar10 or half.
-        mean: per-channel mean overriding the preset.
-        std: per-channel std overriding the preset.
-        pin_memory: pin batches for faster host-to-GPU copies; default: when CUDA is available.
-        persistent_workers: keep dataloader workers alive between epochs.
-        prefetch_factor: batches each worker prepares ahead.
-        allow_pipe: accept `pipe:` URLs (they run shell commands; off by default).
         synth_train_samples: training images of the synthetic corpus (synthesize_if_missing).
         synth_val_samples: validation images of the synthetic corpus.
         synth_shard_size: samples per shard of the synthetic corpus; default: as many shards as the
@@ -214,46 +281,28 @@ class ImageLabelDataModule(_StreamingDataModule):
         self,
         train_shards: str,
         val_shards: str,
-        batch_size: int = 64,
-        image_size: int = 224,
-        num_workers: int = 2,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        train_samples: Optional[int] = None,
-        val_samples: Optional[int] = None,
-        max_error_rate: float = 0.01,
-        synthesize_if_missing: bool = False,
+        *,
         num_classes: Optional[int] = None,
-        resampled: bool = False,
-        train_crop_scale: Optional[tuple[float, float]] = None,
-        train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        eval_crop_pct: float = 0.875,
-        fast_train_decode: bool = True,
-        normalization: str = "imagenet",
-        mean: Optional[tuple[float, float, float]] = None,
-        std: Optional[tuple[float, float, float]] = None,
-        pin_memory: Optional[bool] = None,
-        persistent_workers: bool = True,
-        prefetch_factor: Optional[int] = 2,
-        allow_pipe: bool = False,
+        synthesize_if_missing: bool = False,
         synth_train_samples: int = 20000,
         synth_val_samples: int = 2000,
         synth_shard_size: Optional[int] = None,
+        **kwargs: Any,
     ):
-        super().__init__()
-        mean_std(normalization)  # fail early on an unknown preset
-        self.save_hyperparameters()
-        self._class_names: Optional[list[str]] = None
+        super().__init__(
+            train_shards=train_shards, val_shards=val_shards, num_classes=num_classes,
+            synthesize_if_missing=synthesize_if_missing, synth_train_samples=synth_train_samples,
+            synth_val_samples=synth_val_samples, synth_shard_size=synth_shard_size, **kwargs,
+        )
 
     def _decoder(self, train: bool) -> ImageLabelDecoder:
         hp = self.hparams
-        scale = hp.train_crop_scale or ((0.35, 1.0) if hp.image_size <= 64 else (0.08, 1.0))
         try:
             num_classes: Optional[int] = self.num_classes  # labels outside [0, num_classes) count as bad data
         except ValueError:
             num_classes = None
         return ImageLabelDecoder(
-            hp.image_size, crop_scale=tuple(scale), crop_ratio=tuple(hp.train_crop_ratio),
+            hp.image_size, crop_scale=self._crop_scale(), crop_ratio=tuple(hp.train_crop_ratio),
             eval_crop_pct=hp.eval_crop_pct, fast_train_decode=hp.fast_train_decode, num_classes=num_classes,
         )
 
@@ -266,7 +315,7 @@ class ImageLabelDataModule(_StreamingDataModule):
             return
         except FileNotFoundError:
             pass
-        out = _pattern_dir(hp.train_shards)
+        out = pattern_dir(hp.train_shards)
         log.warning("no shards match %r: writing the synthetic shapes corpus to %s", hp.train_shards, out)
         patterns = write_synthetic(
             out, num_train=hp.synth_train_samples, num_val=hp.synth_val_samples, image_size=hp.image_size,
@@ -284,104 +333,59 @@ class ImageLabelDataModule(_StreamingDataModule):
                 ) from exn
 
     @property
-    def class_names(self) -> Optional[list[str]]:
-        """Label names from classes.json beside the train (else val) shards, or None."""
-        if self._class_names is None:
-            for pattern in (self.hparams.train_shards, self.hparams.val_shards):
-                try:
-                    names = read_classes(expand_urls(pattern, allow_pipe=self.hparams.allow_pipe))
-                except FileNotFoundError:
-                    continue
-                if names:
-                    self._class_names = names
-                    break
-        return self._class_names
-
-    @property
     def num_classes(self) -> int:
-        if self.hparams.num_classes is not None:
-            return self.hparams.num_classes
-        names = self.class_names
-        if names is None:
+        """Number of classes (num_classes, else the length of classes.json); ValueError when unknown."""
+        n = super().num_classes
+        if n is None:
             raise ValueError(
                 "number of classes unknown: no classes.json beside the shards; set num_classes "
                 "(--data.num_classes N)"
             )
-        return len(names)
+        return n
 
 
 class ImageTextDataModule(_StreamingDataModule):
     """Image-caption shards (`jpg` + `txt`, as img2dataset or `vitx data from-csv` write) for CLIP.
 
     Batches: (uint8 images (B, 3, S, S), captions (list of B strings, or int64 (B, L) when a tokenizer is
-    given), valid bool (B,) — False only for validation padding under data parallelism).
+    given), valid bool (B,) — False only for validation padding under data parallelism). Takes every argument
+    of the shared base (`train_shards`, `batch_size`, `image_size`, ...; see `_StreamingDataModule`) and these:
 
     Args:
         train_shards: training shards: a brace pattern, '::'-separated patterns, http(s):// or cloud URLs.
         val_shards: validation shards, same forms.
-        batch_size: samples per batch per device.
-        image_size: side of the square images the image tower sees.
-        num_workers: dataloader worker processes per device.
-        shuffle_buffer: training samples shuffled together in each worker's buffer.
-        seed: seeds shard order, sample shuffle, augmentation and caption choice.
-        train_samples: training epoch size when there is no sizes.json (or to cap the epoch).
-        val_samples: validation size when there is no sizes.json.
-        max_error_rate: fraction of samples that may be skipped as corrupt before the run stops.
         caption: which of a sample's captions (one per line of `txt`) training uses: random (a fresh
             choice every epoch), first, or cycle (caption number epoch % count).
         val_caption: the same choice for validation (first keeps retrieval metrics comparable).
         tokenizer: callable mapping a list of captions to an int64 (B, L) tensor, run in the workers.
-        resampled: draw training shards with replacement (needs an epoch size).
         train_crop_scale: range of the random-resized crop's area share (CLIP used a mild crop).
-        train_crop_ratio: range of the crop's aspect ratio.
         eval_crop_pct: evaluation center crop as a share of the shorter side.
-        fast_train_decode: training views use libjpeg's fast IDCT and chroma upsampling (see above).
-        normalization: mean/std preset (CLIP's by default).
-        mean: per-channel mean overriding the preset.
-        std: per-channel std overriding the preset.
-        pin_memory: pin batches; default: when CUDA is available.
-        persistent_workers: keep dataloader workers alive between epochs.
-        prefetch_factor: batches each worker prepares ahead.
-        allow_pipe: accept `pipe:` URLs (they run shell commands; off by default).
+        normalization: mean/std preset (CLIP's by default): imagenet, clip, cifar10 or half.
     """
 
     def __init__(
         self,
         train_shards: str,
         val_shards: Optional[str] = None,
-        batch_size: int = 64,
-        image_size: int = 224,
-        num_workers: int = 2,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-        train_samples: Optional[int] = None,
-        val_samples: Optional[int] = None,
-        max_error_rate: float = 0.01,
+        *,
         caption: str = "random",
         val_caption: str = "first",
         tokenizer: Optional[Callable[[list[str]], torch.Tensor]] = None,
-        resampled: bool = False,
         train_crop_scale: tuple[float, float] = (0.9, 1.0),
-        train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         eval_crop_pct: float = 1.0,
-        fast_train_decode: bool = True,
         normalization: str = "clip",
-        mean: Optional[tuple[float, float, float]] = None,
-        std: Optional[tuple[float, float, float]] = None,
-        pin_memory: Optional[bool] = None,
-        persistent_workers: bool = True,
-        prefetch_factor: Optional[int] = 2,
-        allow_pipe: bool = False,
+        **kwargs: Any,
     ):
-        super().__init__()
-        mean_std(normalization)
-        self.save_hyperparameters(ignore=["tokenizer"])
-        self.tokenizer = tokenizer
+        super().__init__(
+            train_shards=train_shards, val_shards=val_shards, caption=caption, val_caption=val_caption,
+            train_crop_scale=train_crop_scale, eval_crop_pct=eval_crop_pct, normalization=normalization, **kwargs,
+        )
+        self.tokenizer = tokenizer  # not a hyperparameter: a callable, handed over by the task
 
     def _decoder(self, train: bool) -> ImageTextDecoder:
         hp = self.hparams
         return ImageTextDecoder(
-            hp.image_size, crop_scale=tuple(hp.train_crop_scale), crop_ratio=tuple(hp.train_crop_ratio),
+            hp.image_size, crop_scale=self._crop_scale(), crop_ratio=tuple(hp.train_crop_ratio),
             eval_crop_pct=hp.eval_crop_pct, fast_train_decode=hp.fast_train_decode,
             caption=hp.caption if train else hp.val_caption,
             tokenizer=self.tokenizer,

@@ -15,9 +15,10 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from .streaming import ShardReadError, expand_urls, iter_shard
+from .metadata import write_sizes
+from .shards import ShardReadError, iter_shard
 from .transforms import IMAGE_KEYS
-from .writers import write_sizes
+from .urls import expand_urls
 
 
 def inspect_shards(

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .streaming import IGNORE_INDEX
+from .constants import IGNORE_INDEX
 from .transforms import IMAGE_KEYS, decode_eval, decode_train, image_bytes
 
 CAPTION_CHOICES = ("random", "first", "cycle")

@@ -1,24 +1,14 @@
-"""The one WebDataset streaming layer: URLs -> shards -> samples -> batches, for ViT, DeiT and CLIP alike.
+"""The one WebDataset streaming layer: shards -> samples -> batches, for ViT, DeiT and CLIP alike.
 
 WebDataset (Aizman et al. 2020, "High Performance I/O For Large Scale Deep Learning") stores a corpus as
-tar shards read sequentially. This module decides, for every (epoch, rank, dataloader worker), which
-samples that worker reads, so that the usual failure modes of sharded training cannot happen:
+tar shards read sequentially. `planner.py` decides, for every (epoch, rank, dataloader worker), which
+samples that worker reads; this module reads them (`shards.iter_shard`), shuffles them in a buffer, decodes
+and batches them in the dataloader workers, and accounts for bad data:
 
-* Shard order changes every epoch: shards are shuffled with a generator seeded by (seed, epoch), and the
-  epoch reaches persistent workers through shared memory (`ShardStream.set_epoch`, called by Lightning
+* The epoch reaches persistent workers through shared memory (`ShardStream.set_epoch`, called by Lightning
   through `StreamLoader.sampler.set_epoch`, or automatically on every new pass over the loader).
-* Exact epochs from the size file. With per-shard sizes (sizes.json), the shuffled shards form one virtual
-  sequence of N samples, cut into one contiguous range per (rank, worker). Every rank gets exactly
-  T = floor(E / (batch_size * world_size)) batches (E = N, or the user's epoch size when smaller); no sample
-  is read twice and every sample is read once except the tail of E - T * batch_size * world_size
-  (< batch_size * world_size) samples, which falls on different samples every epoch. A range may start or
-  end inside a shard: that shard is read by two workers, each skipping to its own part.
-* Validation is exact and equal-length: the N validation samples are cut into contiguous per-rank ranges
-  of N // R or N // R + 1 samples; under data parallelism every rank yields the same number of batches, of
-  exactly `batch_size`, the missing places filled with padding samples whose label is IGNORE_INDEX (-100,
-  which `F.cross_entropy` ignores by default). A metric that skips them is the single-process metric.
-* Resampled streams (for corpora too large for epochs): shards drawn with replacement by a generator seeded
-  by (seed, epoch, rank, worker); the epoch size is given (or taken from the size file).
+* Every rank yields the same number of batches (the planner's), so no collective operation hangs;
+  validation pads with samples whose label is IGNORE_INDEX (-100, which `F.cross_entropy` ignores).
 * Bad data is skipped, counted per shard and logged, never silent and never a crash: an image that fails to
   decode, a sample missing a required member, a duplicate key, a truncated tar, a shard that cannot be
   opened. Past `max_error_rate` (after `min_error_samples` samples) iteration stops with a RuntimeError.
@@ -28,397 +18,24 @@ samples that worker reads, so that the usual failure modes of sharded training c
 
 from __future__ import annotations
 
-import glob
 import logging
-import math
-import os
 import random
 import weakref
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
 
-import braceexpand
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import _InfiniteConstantSampler
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from .sources import REMOTE_SCHEMES, close_quietly, local_path, open_url, scheme
-from .writers import shard_sizes
+from .budget import ErrorBudget, ShardStats
+from .constants import IGNORE_INDEX  # noqa: F401  (re-exported for callers not yet importing data_pipelines.constants)
+from .distributed import rank_world
+from .metadata import shard_sizes
+from .planner import Piece, SlotPlan, epoch_rng, plan_slot, train_batches_per_rank, val_batches_per_rank
+from .shards import ShardReadError, iter_shard
+from .urls import expand_urls
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # label of a padding sample; F.cross_entropy's default ignore_index
-HOW_TO_MAKE_SHARDS = (
-    "make shards with `vitx data synth OUT` (a synthetic demo corpus), `vitx data from-folder SRC OUT` "
-    "(an image-folder tree) or `vitx data from-csv CAPTIONS IMAGES OUT` (image-caption pairs)"
-)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# URLs
-
-
-def expand_urls(pattern: str | Sequence[str], allow_pipe: bool = False) -> list[str]:
-    """Shard URLs of a pattern: brace expansion ("train-{000000..000009}.tar"), '::'-separated lists,
-    shell globs for local paths, or a list of any of these.
-
-    Local paths must exist (FileNotFoundError naming the pattern otherwise). Remote URLs (http(s)://, s3://,
-    gs://, hf://, ...; see `sources.REMOTE_SCHEMES`) pass through unchecked: they are opened when read.
-    `pipe:` URLs run a shell command for every shard; they are refused unless `allow_pipe=True`, so that a
-    config file cannot run commands by accident.
-    """
-    parts = [pattern] if isinstance(pattern, str) else list(pattern)
-    if not parts or not all(isinstance(p, str) for p in parts):
-        raise TypeError(f"shard pattern must be a string or a list of strings, got {pattern!r}")
-    urls: list[str] = []
-    missing: list[str] = []
-    for part in parts:
-        for piece in part.split("::"):
-            piece = piece.strip()
-            if not piece:
-                continue
-            for url in braceexpand.braceexpand(piece):
-                kind = scheme(url)
-                if kind == "pipe":
-                    if not allow_pipe:
-                        raise ValueError(
-                            f"refusing the pipe: URL {url!r} in {pattern!r}: a pipe: URL runs a shell command for every "
-                            "shard, so it is off unless you opt in with allow_pipe=True (data.allow_pipe: true)"
-                        )
-                    urls.append(url)
-                elif kind in REMOTE_SCHEMES:
-                    urls.append(url)
-                elif kind not in ("", "file"):
-                    raise ValueError(
-                        f"shard URL {url!r} in {pattern!r} has an unsupported scheme '{kind}://'; use a local path or "
-                        + ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
-                    )
-                else:
-                    path = local_path(url)
-                    if any(c in path for c in "*?["):
-                        found = sorted(glob.glob(path))
-                        urls.extend(found)
-                        if not found:
-                            missing.append(url)
-                    elif os.path.isfile(path):
-                        urls.append(path)
-                    else:
-                        missing.append(url)
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        what = "matches no file" if not urls else f"names {len(missing)} missing shard(s)"
-        raise FileNotFoundError(f"shard pattern {pattern!r} {what}: {shown}; {HOW_TO_MAKE_SHARDS}")
-    if not urls:
-        raise FileNotFoundError(f"shard pattern {pattern!r} matches no file; {HOW_TO_MAKE_SHARDS}")
-    return urls
-
-
-def _shard_name(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# reading samples out of one shard
-
-
-class ShardReadError(RuntimeError):
-    """A shard could not be opened or ended early (truncated tar, vanished file, network error)."""
-
-
-def iter_shard(url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[tuple[int, dict, Optional[str]]]:
-    """Yield (index, sample, problem) for the samples of one shard with start <= index < stop.
-
-    A sample is the run of consecutive tar members sharing a key (webdataset's convention); `index` counts
-    samples from 0, matching the counts in sizes.json. `problem` is None for a well-formed sample, else a
-    description (duplicate key in the shard, duplicate member in a sample). Samples before `start` are
-    skipped without keeping their bytes. A failure to open or read the shard raises ShardReadError after the
-    samples read so far.
-    """
-    index, current, problem = -1, None, None
-    seen: set[str] = set()
-    stream, early = None, False
-    try:
-        stream = open_url(url)
-        for member in tar_file_iterator(stream):
-            key, ext = base_plus_ext(member["fname"])
-            if key is None:  # a member without extension is no part of any sample
-                continue
-            ext = ext.lower()
-            if current is None or key != current["__key__"]:
-                if current is not None and index >= start:
-                    yield index, current, problem
-                index += 1
-                if stop is not None and index >= stop:
-                    early = True
-                    break
-                current, problem = {"__key__": key, "__url__": url}, None
-                if key in seen:
-                    problem = f"duplicate key {key!r}"
-                seen.add(key)
-            if ext in current:
-                problem = f"duplicate member {member['fname']!r}"
-            if index >= start:
-                current[ext] = member["data"]
-        else:
-            if current is not None and index >= start:
-                yield index, current, problem
-    except GeneratorExit:  # the reader stopped early: a downloader killed by the closed pipe is no error
-        if stream is not None:
-            close_quietly(stream)
-        raise
-    except Exception as exn:
-        if stream is not None:
-            close_quietly(stream)
-        raise ShardReadError(f"{type(exn).__name__}: {exn}") from exn
-    if stream is not None:
-        if early:
-            close_quietly(stream)
-            return
-        try:
-            stream.close()  # a remote download's exit status is checked here
-        except Exception as exn:
-            raise ShardReadError(f"{type(exn).__name__}: {exn}") from exn
-
-
-def count_samples(url: str) -> int:
-    """Number of samples in a shard, grouped exactly as the reader groups them (for sizes.json)."""
-    n = 0
-    for _ in iter_shard(url):
-        n += 1
-    return n
-
-
-# ----------------------------------------------------------------------------------------------------------
-# error accounting
-
-
-class ShardStats:
-    """Samples read and samples lost, per shard, in shared memory so that dataloader workers' counts are
-    visible in the main process (for logging)."""
-
-    def __init__(self, urls: Sequence[str]):
-        self.urls = list(urls)
-        self.read = torch.zeros(len(self.urls), dtype=torch.int64).share_memory_()
-        self.errors = torch.zeros(len(self.urls), dtype=torch.int64).share_memory_()
-
-    def add(self, shard: int, read: int = 0, errors: int = 0) -> None:
-        # numpy views of the shared tensors: an increment costs ~0.1 us instead of ~30 us of tensor indexing
-        if not hasattr(self, "_views"):
-            self._views = (self.read.numpy(), self.errors.numpy())
-        self._views[0][shard] += read
-        self._views[1][shard] += errors
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state.pop("_views", None)  # views are rebuilt in the receiving process, over its shared mapping
-        return state
-
-    def summary(self) -> dict[str, Any]:
-        read, errors = int(self.read.sum()), int(self.errors.sum())
-        by_shard = {_shard_name(self.urls[i]): int(self.errors[i]) for i in torch.nonzero(self.errors).flatten().tolist()}
-        return {
-            "samples": read,
-            "errors": errors,
-            "error_rate": errors / max(1, read + errors),
-            "errors_by_shard": by_shard,
-        }
-
-
-class ErrorBudget:
-    """Per-worker running error rate; raises once it exceeds `max_rate` after `min_samples` samples."""
-
-    def __init__(self, stats: ShardStats, max_rate: float, min_samples: int, where: str):
-        self.stats, self.max_rate, self.min_samples, self.where = stats, max_rate, min_samples, where
-        self.ok = 0
-        self.bad = 0
-        self._logged = 0
-
-    def good(self, shard: int) -> None:
-        self.ok += 1
-        self.stats.add(shard, read=1)
-
-    def error(self, shard: int, reason: str, count: int = 1) -> None:
-        self.bad += count
-        self.stats.add(shard, errors=count)
-        self._logged += 1
-        if self._logged <= 20 or self._logged % 1000 == 0:
-            log.warning(
-                "skipped %d sample(s) of shard %s: %s [%s; %d skipped so far]",
-                count, self.stats.urls[shard], reason, self.where, self.bad,
-            )
-        self.check()
-
-    def check(self) -> None:
-        total = self.ok + self.bad
-        if total >= self.min_samples and (self.bad > self.max_rate * total or self.ok == 0):
-            worst = self.stats.summary()["errors_by_shard"]
-            worst = dict(sorted(worst.items(), key=lambda kv: -kv[1])[:5])
-            raise RuntimeError(
-                f"too much bad data: {self.bad} of {total} samples skipped ({self.bad / total:.1%} > "
-                f"max_error_rate={self.max_rate:.1%}) [{self.where}]; worst shards: {worst}. Check the shards "
-                "with `vitx data inspect PATTERN`, rewrite or drop the bad ones, or raise max_error_rate."
-            )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the epoch plan: which samples each (rank, worker) reads
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Samples [start, stop) of shard number `shard` (stop None: to the end of the shard)."""
-
-    shard: int
-    start: int = 0
-    stop: Optional[int] = None
-
-
-@dataclass
-class SlotPlan:
-    """What one dataloader worker of one rank does in one epoch.
-
-    pieces: what it reads, in order (None for a resampled stream, which draws shards at random).
-    batches: how many batches it yields (None: until its pieces are exhausted).
-    samples: real samples it yields before padding (validation; None: as many as it reads).
-    pad_batches: extra all-padding batches (validation under data parallelism: equal batch counts).
-    pad: pad a short last batch to `batch_size` and replace unreadable samples by padding.
-    refill: re-read the pieces when they run out before `batches` is reached (training).
-    """
-
-    pieces: Optional[list[Piece]]
-    batches: Optional[int]
-    samples: Optional[int] = None
-    pad_batches: int = 0
-    pad: bool = False
-    refill: bool = False
-
-
-def epoch_rng(*key: int | str) -> random.Random:
-    """A generator seeded by a tuple of ints/strings, independent of PYTHONHASHSEED."""
-    return random.Random(":".join(str(k) for k in key))
-
-
-def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    """The epoch's shard permutation, the same on every rank and worker."""
-    order = list(range(num_shards))
-    epoch_rng("shards", seed, epoch).shuffle(order)
-    return order
-
-
-def _cut(order: Sequence[int], sizes: Sequence[int], offset: int, length: int) -> list[Piece]:
-    """Pieces covering samples [offset, offset + length) of the concatenation of shards in `order`."""
-    pieces, pos, end = [], 0, offset + length
-    for shard in order:
-        n = sizes[shard]
-        lo, hi = max(offset, pos), min(end, pos + n)
-        if lo < hi:
-            pieces.append(Piece(shard, lo - pos, hi - pos))
-        pos += n
-        if pos >= end:
-            break
-    return pieces
-
-
-def _split_batches(total: int, parts: int) -> list[int]:
-    """Split `total` batches over `parts` workers as evenly as possible, the first ones taking the extra."""
-    return [total // parts + (1 if w < total % parts else 0) for w in range(parts)]
-
-
-def train_batches_per_rank(epoch_samples: int, batch_size: int, world_size: int) -> int:
-    """floor(E / (batch_size * world_size)): the training batches every rank yields in an epoch."""
-    return epoch_samples // (batch_size * world_size)
-
-
-def val_batches_per_rank(num_samples: int, batch_size: int, world_size: int) -> int:
-    """ceil(ceil(N / R) / batch_size): the validation batches every rank yields (the largest rank's count)."""
-    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
-
-
-def plan_slot(
-    *,
-    train: bool,
-    num_shards: int,
-    sizes: Optional[Sequence[int]],
-    epoch: int,
-    seed: int,
-    rank: int,
-    world_size: int,
-    worker: int,
-    num_workers: int,
-    batch_size: int,
-    epoch_samples: Optional[int] = None,
-    resampled: bool = False,
-) -> SlotPlan:
-    """The plan of worker `worker` (of `num_workers`) on rank `rank` (of `world_size`) for `epoch`.
-
-    Pure and deterministic: every process computes the same global plan and takes its own part.
-    """
-    R, W, B = world_size, max(1, num_workers), batch_size
-    if not (0 <= rank < R and 0 <= worker < W):
-        raise ValueError(f"rank {rank} / world {R}, worker {worker} / workers {W} out of range")
-    total = sum(sizes) if sizes is not None else None
-    slot, slots = rank * W + worker, R * W
-
-    if train:
-        E = epoch_samples if epoch_samples is not None else total
-        if total is not None and E is not None and E > total and not resampled:
-            log.warning("train_samples=%d exceeds the %d samples in the size file; using %d", E, total, total)
-            E = total
-        if resampled:
-            if E is None:
-                raise ValueError("a resampled stream needs an epoch size: set train_samples (no sizes.json found)")
-            T = train_batches_per_rank(E, B, R)
-            return SlotPlan(None, _split_batches(T, W)[worker], refill=True)
-        if num_shards < slots:
-            raise ValueError(
-                f"{num_shards} training shard(s) cannot feed {R} rank(s) x {W} dataloader worker(s) = {slots} readers "
-                "without reading some shards twice per epoch: write more, smaller shards (--shard-size), use fewer "
-                "workers (num_workers), or a resampled stream (resampled=True)"
-            )
-        order = shard_order(num_shards, seed, epoch)
-        if E is None:
-            if R > 1:
-                raise ValueError(
-                    "training on several ranks needs the epoch size, so that every rank runs the same number of "
-                    "batches: add a sizes.json beside the shards (`vitx data inspect PATTERN --write-sizes`) "
-                    "or set train_samples"
-                )
-            return SlotPlan([Piece(s) for s in order[slot::slots]], None)
-        T = train_batches_per_rank(E, B, R)
-        if T == 0:
-            raise ValueError(f"an epoch of {E} samples is smaller than one global batch ({B} x {R} ranks); lower batch_size")
-        quota = _split_batches(T, W)
-        if sizes is None:  # whole shards, round robin; re-read when short
-            return SlotPlan([Piece(s) for s in order[slot::slots]], quota[worker], refill=True)
-        offset = rank * T * B + sum(quota[:worker]) * B
-        return SlotPlan(_cut(order, sizes, offset, quota[worker] * B), quota[worker], refill=True)
-
-    # validation: no shuffling, every sample exactly once across ranks
-    pad = R > 1
-    N = total if total is not None else epoch_samples
-    if N is None:
-        if R > 1:
-            raise ValueError(
-                "validation on several ranks needs the number of samples, so that every rank runs the same number "
-                "of batches: add a sizes.json beside the shards (`vitx data inspect PATTERN --write-sizes`) or set "
-                "val_samples"
-            )
-        return SlotPlan([Piece(s) for s in range(num_shards)[slot::slots]], None)
-    n_rank = N // R + (1 if rank < N % R else 0)
-    rank_offset = rank * (N // R) + min(rank, N % R)
-    b_rank = math.ceil(n_rank / B)
-    quota = _split_batches(b_rank, W)
-    w_offset = sum(quota[:worker]) * B
-    n_worker = max(0, min(quota[worker] * B, n_rank - w_offset))
-    extra = val_batches_per_rank(N, B, R) - b_rank if pad else 0
-    pad_batches = extra if worker == (b_rank % W if b_rank % W else 0) else 0
-    if sizes is not None:
-        pieces = _cut(list(range(num_shards)), sizes, rank_offset + w_offset, n_worker)
-    else:  # only the epoch size is known: whole shards round robin, counts enforced by padding/truncation
-        pieces = [Piece(s) for s in range(num_shards)[slot::slots]]
-    return SlotPlan(pieces, quota[worker] + pad_batches, samples=n_worker, pad_batches=pad_batches, pad=pad)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -457,12 +74,6 @@ def _shuffled(src: Iterable, bufsize: int, rng: random.Random) -> Iterator:
     finally:
         if hasattr(src, "close"):
             src.close()
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ShardStream(IterableDataset):
@@ -515,12 +126,15 @@ class ShardStream(IterableDataset):
         self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls)
         if self.sizes is not None and len(self.sizes) != len(self.urls):
             raise ValueError(f"{len(self.sizes)} sizes for {len(self.urls)} shards")
+        if train and not resampled and self.sizes is not None and (epoch_samples or 0) > sum(self.sizes):
+            log.warning("train_samples=%d exceeds the %d samples in the size file; using %d",
+                        epoch_samples, sum(self.sizes), sum(self.sizes))
         self.decoder = decoder
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.epoch_samples, self.resampled = epoch_samples, resampled and train
         self.max_error_rate, self.min_error_samples = max_error_rate, min_error_samples
-        d_rank, d_world = _dist_rank_world()
+        d_rank, d_world = rank_world()
         self.rank = d_rank if rank is None else rank
         self.world_size = d_world if world_size is None else world_size
         self.stats = ShardStats(self.urls)

@@ -7,9 +7,7 @@ Layout of a shard directory (the one every reader in `data_pipelines` expects)::
     OUT/sizes.json             {"train-000000.tar": 1000, ...}  samples per shard, for every shard in OUT
     OUT/classes.json           ["circle", "square", ...]         label names, index = label (classification)
 
-The size file is open_clip's convention: one JSON object for every shard in the directory, so a reader can
-compute an epoch's length, split samples exactly across ranks and workers, and pad validation, without
-opening a shard. Image bytes are copied as they are, never re-encoded. Tar members get a fixed mtime and
+The size and class files are described (and read and written) in `metadata.py`. Image bytes are copied as they are, never re-encoded. Tar members get a fixed mtime and
 owner so the same input gives byte-identical shards.
 """
 
@@ -25,128 +23,16 @@ import re
 import tarfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional
 
 import webdataset as wds
 
+from .metadata import write_classes, write_sizes
+
 log = logging.getLogger(__name__)
 
-SIZES_FILE = "sizes.json"
-CLASSES_FILE = "classes.json"
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# size and class files
-
-
-def _dir_and_name(url: str) -> tuple[str, str]:
-    """Split a shard URL or path into (directory, file name); works for paths and URLs alike."""
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    head, _, name = url.rpartition("/")
-    return (head or "."), name
-
-
-def write_sizes(out_dir: str | os.PathLike, sizes: dict[str, int]) -> Path:
-    """Merge {shard file name: sample count} into OUT/sizes.json (other shards' entries are kept)."""
-    path = Path(out_dir) / SIZES_FILE
-    merged: dict[str, int] = {}
-    if path.exists():
-        merged.update(json.loads(path.read_text()))
-    merged.update({os.path.basename(k): int(v) for k, v in sizes.items()})
-    path.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
-    return path
-
-
-def _read_json_beside(directory: str, name: str) -> Optional[object]:
-    """Load `directory/name` for a local directory or a remote URL prefix; None when it is not there."""
-    from .sources import is_local, local_path, open_url, scheme
-
-    if is_local(directory):
-        path = Path(local_path(directory)) / name
-        if not path.exists():
-            return None
-        return json.loads(path.read_text())
-    if scheme(directory) == "pipe":
-        return None
-    try:  # http(s)://, s3://, gs://, ... (curl, aws, gsutil, ...)
-        stream = open_url(f"{directory}/{name}")
-        try:
-            return json.loads(stream.read().decode("utf-8"))
-        finally:
-            stream.close()
-    except Exception as exn:  # a missing size file is normal; say so and go on without it
-        log.info("no %s at %s (%s)", name, directory, exn)
-        return None
-
-
-def shard_sizes_table(directory: str) -> Optional[dict[str, int]]:
-    """{shard file name: samples} of the sizes.json in `directory` (local or remote), or None."""
-    table = _read_json_beside(directory, SIZES_FILE)
-    return table if isinstance(table, dict) else None
-
-
-def _img2dataset_sizes(directory: str) -> Optional[dict[str, int]]:
-    """{shard: samples} from the `NNNNN_stats.json` files img2dataset writes beside local shards
-    ("successes" is the number of samples it wrote into NNNNN.tar)."""
-    from .sources import is_local, local_path
-
-    if not is_local(directory):
-        return None  # one request per shard would be too many; write a sizes.json for remote corpora
-    table = {}
-    for stats in Path(local_path(directory)).glob("*_stats.json"):
-        try:
-            table[stats.name[: -len("_stats.json")] + ".tar"] = int(json.loads(stats.read_text())["successes"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return table or None
-
-
-def shard_sizes(urls: Sequence[str]) -> Optional[list[int]]:
-    """Samples in each shard, from the sizes.json beside the shards (or, for local img2dataset output, its
-    per-shard `_stats.json` files); None if any shard is not listed."""
-    by_dir: dict[str, Optional[dict]] = {}
-    out = []
-    for url in urls:
-        directory, name = _dir_and_name(url)
-        if directory not in by_dir:
-            by_dir[directory] = shard_sizes_table(directory) or _img2dataset_sizes(directory)
-        table = by_dir[directory]
-        if table is None or name not in table:
-            return None
-        out.append(int(table[name]))
-    return out
-
-
-def read_sizes(urls: Sequence[str]) -> Optional[int]:
-    """Total number of samples in the shards, or None when the size file is missing or incomplete."""
-    sizes = shard_sizes(urls)
-    return None if sizes is None else sum(sizes)
-
-
-def write_classes(out_dir: str | os.PathLike, class_names: Sequence[str]) -> Path:
-    """Write OUT/classes.json; refuse to silently change the label meaning of existing shards."""
-    path = Path(out_dir) / CLASSES_FILE
-    names = list(class_names)
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != names:
-            raise ValueError(
-                f"{path} already lists different classes ({len(old)} vs {len(names)}); "
-                "write the new shards to an empty directory"
-            )
-    path.write_text(json.dumps(names, indent=1) + "\n")
-    return path
-
-
-def read_classes(urls: Sequence[str]) -> Optional[list[str]]:
-    """Class names from the classes.json beside the first shard, or None when absent."""
-    if not urls:
-        return None
-    names = _read_json_beside(_dir_and_name(urls[0])[0], CLASSES_FILE)
-    return list(names) if isinstance(names, list) else None
 
 
 # ----------------------------------------------------------------------------------------------------------

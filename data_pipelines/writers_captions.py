@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .synthetic import CLASS_NAMES, SHAPES, ShapeRenderer, _polygon, _rotate, _shape_outline, encode_jpeg
-from .writers import _cls_bytes, _write_split, pattern_for, write_classes, write_sizes
+from .metadata import write_classes, write_sizes
+from .writers import _cls_bytes, _write_split, pattern_for
 
 # named colours, far enough apart to be told apart at 32 px after JPEG
 COLOURS: dict[str, tuple[int, int, int]] = {

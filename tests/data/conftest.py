@@ -12,7 +12,7 @@ from PIL import Image
 
 import webdataset as wds
 
-from data_pipelines.writers import write_sizes
+from data_pipelines.metadata import write_sizes
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

@@ -133,3 +133,52 @@ def test_too_few_shards_for_the_workers_fails_when_the_loader_is_made(shards):
     with pytest.raises(ValueError, match="1 training shard.*fewer\\s+workers"):
         dm.train_dataloader()
     assert len(list(dm.val_dataloader())) == 1  # validation is fine with fewer shards than workers
+
+
+# every argument a YAML config may set under data.init_args, per datamodule (the shared ones live in the base)
+SHARED_ARGS = {
+    "train_shards", "val_shards", "batch_size", "image_size", "num_workers", "shuffle_buffer", "seed",
+    "train_samples", "val_samples", "max_error_rate", "resampled", "train_crop_scale", "train_crop_ratio",
+    "eval_crop_pct", "fast_train_decode", "normalization", "mean", "std", "pin_memory", "persistent_workers",
+    "prefetch_factor", "allow_pipe",
+}
+OWN_ARGS = {
+    ImageLabelDataModule: {"num_classes", "synthesize_if_missing", "synth_train_samples", "synth_val_samples",
+                           "synth_shard_size"},
+    ImageTextDataModule: {"caption", "val_caption", "tokenizer"},
+}
+
+
+@pytest.mark.parametrize("cls", [ImageLabelDataModule, ImageTextDataModule])
+def test_every_argument_is_visible_to_the_cli_with_type_and_help(cls):
+    """jsonargparse follows the subclasses' **kwargs into the shared base: `--data.help` and --print_config list
+    every argument, each with its help text, and the subclasses keep their own defaults."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "data")
+    actions = {a.dest.split(".", 1)[1]: a for a in parser._actions if a.dest.startswith("data.")}
+    actions = {k: a for k, a in actions.items() if not k.endswith(".help") and k != "__path__"}
+    assert set(actions) == SHARED_ARGS | OWN_ARGS[cls]
+    assert all(a.help and len(a.help) > 10 for a in actions.values()), [k for k, a in actions.items() if not a.help]
+    assert "type: Optional[int]" in parser.format_help()  # types are shown too
+    defaults = parser.get_defaults().data
+    expected = {ImageLabelDataModule: ("imagenet", None, 0.875), ImageTextDataModule: ("clip", (0.9, 1.0), 1.0)}[cls]
+    assert (defaults.normalization, defaults.train_crop_scale, defaults.eval_crop_pct) == expected
+
+
+def test_class_names_and_shared_properties_of_both_datamodules(tmp_path, shards):
+    from data_pipelines.metadata import write_classes
+
+    pattern = shards([4])
+    for cls in (ImageLabelDataModule, ImageTextDataModule):
+        dm = cls(train_shards=pattern, val_shards=pattern, image_size=8, num_workers=0)
+        assert dm.class_names is None and dm.image_size == 8 and len(dm.mean) == len(dm.std) == 3
+    assert ImageTextDataModule(train_shards=pattern).num_classes is None
+    write_classes(tmp_path / "shards", ["a", "b"])
+    for cls in (ImageLabelDataModule, ImageTextDataModule):
+        dm = cls(train_shards=pattern, val_shards=pattern)
+        assert dm.class_names == ["a", "b"] and dm.num_classes == 2
+        assert dm.hparams.batch_size == 64 and dm.hparams.train_shards == pattern
+    with pytest.raises(TypeError):
+        ImageLabelDataModule(pattern, pattern, 64)  # only the shard patterns are positional

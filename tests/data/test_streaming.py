@@ -8,15 +8,12 @@ import os
 import pytest
 import torch
 
+from data_pipelines.constants import IGNORE_INDEX
+from data_pipelines.metadata import write_sizes
+from data_pipelines.planner import plan_slot, shard_order
 from data_pipelines.samples import ImageLabelDecoder
-from data_pipelines.streaming import (
-    IGNORE_INDEX,
-    ShardStream,
-    StreamLoader,
-    expand_urls,
-    plan_slot,
-    shard_order,
-)
+from data_pipelines.streaming import ShardStream, StreamLoader
+from data_pipelines.urls import expand_urls
 
 from .conftest import jpeg, write_tar
 
@@ -204,8 +201,6 @@ def test_error_rate_exceeded_stops_with_a_clear_message(tmp_path):
 def test_truncated_tar_and_vanished_shard(tmp_path):
     for s in range(4):
         write_tar(tmp_path / f"val-{s:06d}.tar", [_good(s * 50 + i) for i in range(50)])
-    from data_pipelines.writers import write_sizes
-
     write_sizes(tmp_path, {f"val-{s:06d}.tar": 50 for s in range(4)})
     pattern = str(tmp_path / "val-{000000..000003}.tar")
     ds = stream(pattern, train=False, batch_size=8, world_size=2, rank=0, max_error_rate=0.9)
@@ -226,8 +221,6 @@ def test_training_refills_quota_after_skips(tmp_path):
     samples = [_good(i) for i in range(40)]
     samples[5]["jpg"] = b"bad"
     write_tar(tmp_path / "train-000000.tar", samples)
-    from data_pipelines.writers import write_sizes
-
     write_sizes(tmp_path, {"train-000000.tar": 40})
     ds = stream(str(tmp_path / "train-000000.tar"), batch_size=8, max_error_rate=0.5)
     batches = list(ds)

@@ -10,18 +10,11 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from data_pipelines.streaming import expand_urls, iter_shard
+from data_pipelines.metadata import read_classes, read_sizes, shard_sizes, write_sizes
+from data_pipelines.shards import iter_shard
 from data_pipelines.synthetic import CLASS_NAMES
-from data_pipelines.writers import (
-    ShardSink,
-    read_classes,
-    read_sizes,
-    shard_sizes,
-    write_caption_corpus,
-    write_image_folder,
-    write_sizes,
-    write_synthetic,
-)
+from data_pipelines.urls import expand_urls
+from data_pipelines.writers import ShardSink, write_caption_corpus, write_image_folder, write_synthetic
 from tests.conftest import shared_data
 
 from .conftest import jpeg

@@ -38,8 +38,9 @@ def val_metric_reference() -> float:
 
 
 def _plain_worker(rank: int, world: int, init_file: str, train: str, val: str, out: str) -> None:
+    from data_pipelines.constants import IGNORE_INDEX
     from data_pipelines.samples import ImageLabelDecoder
-    from data_pipelines.streaming import IGNORE_INDEX, ShardStream, StreamLoader
+    from data_pipelines.streaming import ShardStream, StreamLoader
 
     torch.set_num_threads(1)
     # a timeout turns a hang (ranks with different batch counts at a collective) into an error
@@ -89,8 +90,8 @@ def lightning(out: str) -> None:
     import lightning as L
     import torch.nn.functional as F
 
+    from data_pipelines.constants import IGNORE_INDEX
     from data_pipelines.datamodules import ImageLabelDataModule
-    from data_pipelines.streaming import IGNORE_INDEX
     from data_pipelines.transforms import normalize
 
     warnings.filterwarnings("ignore")
