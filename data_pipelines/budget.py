@@ -46,19 +46,33 @@ class ShardStats:
 
 
 class ErrorBudget:
-    """Per-worker running error rate; raises once it exceeds `max_rate` after `min_samples` samples."""
+    """One reader's (rank, worker, epoch) error rate; raises once it exceeds `max_rate`.
+
+    Judged mid-stream once `min_samples` samples have been seen (on every skip, and when the count first reaches
+    `min_samples`, so a burst of skips before it is not forgotten), and at the end of the reader's range
+    whatever its size (`finish`): a range whose skips exceed the rate, or that produced no good sample, fails.
+    A sample seen again (the training refill re-reads a range) is not counted again: pass `counted=False`.
+    """
 
     def __init__(self, stats: ShardStats, max_rate: float, min_samples: int, where: str):
         self.stats, self.max_rate, self.min_samples, self.where = stats, max_rate, min_samples, where
         self.ok = 0
         self.bad = 0
+        self.muted = False  # replaying a resumed range: counts are restored, not recounted
         self._logged = 0
 
-    def good(self, shard: int) -> None:
-        self.ok += 1
+    def good(self, shard: int, counted: bool = True) -> None:
+        if self.muted:
+            return
         self.stats.add(shard, read=1)
+        if counted:
+            self.ok += 1
+            if self.ok + self.bad == self.min_samples:
+                self.check()
 
-    def error(self, shard: int, reason: str, count: int = 1) -> None:
+    def error(self, shard: int, reason: str, count: int = 1, counted: bool = True) -> None:
+        if self.muted or not counted:
+            return
         self.bad += count
         self.stats.add(shard, errors=count)
         self._logged += 1
@@ -69,13 +83,28 @@ class ErrorBudget:
             )
         self.check()
 
-    def check(self) -> None:
+    def check(self, final: bool = False) -> None:
         total = self.ok + self.bad
-        if total >= self.min_samples and (self.bad > self.max_rate * total or self.ok == 0):
+        if total == 0 or (total < self.min_samples and not final):
+            return
+        if self.bad > self.max_rate * total or self.ok == 0:
             worst = self.stats.summary()["errors_by_shard"]
             worst = dict(sorted(worst.items(), key=lambda kv: -kv[1])[:5])
+            why = "no good sample" if self.ok == 0 else f"{self.bad / total:.1%} > max_error_rate={self.max_rate:.1%}"
             raise RuntimeError(
-                f"too much bad data: {self.bad} of {total} samples skipped ({self.bad / total:.1%} > "
-                f"max_error_rate={self.max_rate:.1%}) [{self.where}]; worst shards: {worst}. Check the shards "
-                "with `vitx data inspect PATTERN`, rewrite or drop the bad ones, or raise max_error_rate."
+                f"too much bad data: {self.bad} of {total} samples skipped ({why}) [{self.where}]; worst shards: "
+                f"{worst}. Check the shards with `vitx data inspect PATTERN`, rewrite or drop the bad ones, or raise "
+                "max_error_rate."
             )
+
+    def finish(self, pieces: int) -> None:
+        """The end of the reader's range: judge its whole count; a range with shards to read that gave no
+        sample at all (empty or vanished shards, nothing listening) is an error too."""
+        if self.muted:
+            return
+        if self.ok + self.bad == 0 and pieces > 0:
+            raise RuntimeError(
+                f"no sample in {pieces} shard piece(s) [{self.where}]: the shards are empty or unreadable; check "
+                "them with `vitx data inspect PATTERN`"
+            )
+        self.check(final=True)

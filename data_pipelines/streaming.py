@@ -37,6 +37,8 @@ from .urls import expand_urls
 
 log = logging.getLogger(__name__)
 
+PROGRESS_RING = 64  # batches per worker whose stream position is kept for a state_dict (far more than prefetched)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # the dataset
@@ -140,6 +142,16 @@ class ShardStream(IterableDataset):
         self.stats = ShardStats(self.urls)
         # the epoch lives in shared memory: persistent workers read it at the start of every pass
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # position records and resume points per worker, in shared memory; made by StreamLoader (`attach`)
+        self._progress: Optional[torch.Tensor] = None
+        self._resume: Optional[torch.Tensor] = None
+        self._progress_view = None
+        self.read_options: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_progress_view"] = None  # a numpy view is rebuilt over the receiving process's shared mapping
+        return state
 
     # -- epoch ------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -186,26 +198,32 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.iter_slot(self.epoch, self.rank, self.world_size, worker, num_workers)
+        resume = None
+        if self._resume is not None and worker < self._resume.shape[0] and int(self._resume[worker, 0]):
+            resume = tuple(int(v) for v in self._resume[worker, 1:])
+        return self.iter_slot(self.epoch, self.rank, self.world_size, worker, num_workers, resume=resume)
 
-    def _read_pieces(self, pieces: Iterable[Piece], budget: ErrorBudget, good: list[int]) -> Iterator[tuple[int, dict]]:
-        """(shard, sample) for the well-formed samples of `pieces`, in order; problems go to `budget`."""
+    def _read_pieces(
+        self, pieces: Iterable[Piece], budget: ErrorBudget, good: list[int], counted: bool
+    ) -> Iterator[tuple[int, dict, bool]]:
+        """(shard, sample, counted) for the well-formed samples of `pieces`, in order; problems go to `budget`
+        (`counted=False` on a refill pass: those samples were judged on the first)."""
         for piece in pieces:
             next_index = piece.start
-            reader = iter_shard(self.urls[piece.shard], piece.start, piece.stop)
+            reader = iter_shard(self.urls[piece.shard], piece.start, piece.stop, **self.read_options)
             try:
                 for index, sample, problem in reader:
                     next_index = index + 1
                     if problem is None:
                         problem = self.decoder.check(sample)
                     if problem is not None:
-                        budget.error(piece.shard, problem)
+                        budget.error(piece.shard, problem, counted=counted)
                         continue
                     good[0] += 1
-                    yield piece.shard, sample
+                    yield piece.shard, sample, counted
             except ShardReadError as exn:
                 lost = piece.stop - next_index if piece.stop is not None else 1
-                budget.error(piece.shard, f"shard unreadable after sample {next_index}: {exn}", max(1, lost))
+                budget.error(piece.shard, f"shard unreadable after sample {next_index}: {exn}", max(1, lost), counted)
                 continue
             finally:
                 reader.close()
@@ -213,10 +231,10 @@ class ShardStream(IterableDataset):
                 budget.error(
                     piece.shard,
                     f"shard ended after {next_index} samples but the size file promises {piece.stop}",
-                    piece.stop - next_index,
+                    piece.stop - next_index, counted,
                 )
 
-    def _samples(self, plan: SlotPlan, rng: random.Random, budget: ErrorBudget) -> Iterator[tuple[int, dict]]:
+    def _samples(self, plan: SlotPlan, rng: random.Random, budget: ErrorBudget) -> Iterator[tuple[int, dict, bool]]:
         """The slot's sample stream: one pass over its pieces through the shuffle buffer (training), then,
         when the plan refills, further passes; the buffer drains at the end of every pass so that a pass
         yields exactly its own samples before the next one starts."""
@@ -227,7 +245,7 @@ class ShardStream(IterableDataset):
             else:
                 pieces = plan.pieces
             good = [0]
-            src: Iterable = self._read_pieces(pieces, budget, good)
+            src: Iterable = self._read_pieces(pieces, budget, good, counted=passes == 0)
             if self.shuffle_buffer > 1:
                 src = _shuffled(src, self.shuffle_buffer, rng)
             yield from src
@@ -235,45 +253,63 @@ class ShardStream(IterableDataset):
             if not plan.refill:
                 return
             if good[0] == 0:
+                budget.finish(len(plan.pieces or []))  # says what was wrong with the range, if it can
                 raise RuntimeError(
                     f"no readable sample in this worker's shards ({len(plan.pieces or [])} pieces) after {passes} "
                     "pass(es); check them with `vitx data inspect PATTERN`"
                 )
 
-    def iter_slot(self, epoch: int, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator:
-        """Batches of one (epoch, rank, worker); public so tests can simulate ranks and workers."""
+    def iter_slot(
+        self, epoch: int, rank: int, world_size: int, worker: int, num_workers: int,
+        resume: Optional[tuple[int, ...]] = None,
+    ) -> Iterator:
+        """Batches of one (epoch, rank, worker); public so tests can simulate ranks and workers. `resume`:
+        (batches made, samples drawn, good, skipped, real) of a `progress` record: continue after that batch."""
         plan = self.plan(epoch, rank, world_size, worker, num_workers)
-        rng = epoch_rng("samples", self.seed, epoch, rank, worker)
+        rng = epoch_rng("samples", self.seed, epoch, rank, worker)  # shard draws and the shuffle buffer
         where = f"rank {rank} worker {worker} epoch {epoch}"
         budget = ErrorBudget(self.stats, self.max_error_rate, self.min_error_samples, where)
         samples = self._samples(plan, rng, budget)
         try:
-            yield from self._batches(plan, samples, rng, budget, epoch)
+            yield from self._batches(plan, samples, budget, (epoch, rank, worker), resume)
         finally:
             samples.close()  # stop reading (closes the open shard) when the quota is met early
 
-    def _batches(self, plan: SlotPlan, samples: Iterable, rng: random.Random, budget: ErrorBudget, epoch: int) -> Iterator:
-        B, made, real = self.batch_size, 0, 0
+    def _batches(self, plan: SlotPlan, samples: Iterator, budget: ErrorBudget, slot: tuple, resume) -> Iterator:
+        B, made, real, drawn = self.batch_size, 0, 0, 0
         items: list = []
         if plan.samples == 0:
-            samples = ()  # nothing of its own to read: this worker only pads
-        if plan.batches != 0:
-            for shard, sample in samples:
+            samples = iter(())  # nothing of its own to read: this worker only pads
+        if resume is not None:  # replay the stream up to the saved batch without decoding (same shuffle)
+            made, drawn, ok, bad, real = resume
+            budget.muted = True
+            for _ in range(drawn):
+                if next(samples, None) is None:
+                    raise RuntimeError(f"cannot resume [{budget.where}]: the shards no longer hold the saved position")
+            budget.muted, budget.ok, budget.bad = False, ok, bad
+        # augmentation is seeded per batch, so that a resumed stream augments its batches as the original did
+        rng = epoch_rng("augment", self.seed, *slot, made)
+        if plan.batches is None or made < plan.batches:
+            for shard, sample, counted in samples:
                 if plan.samples is not None and real >= plan.samples:
                     break
+                drawn += 1
                 try:
-                    item = self.decoder.decode(sample, rng, epoch, self.train)
+                    item = self.decoder.decode(sample, rng, slot[0], self.train)
                 except Exception as exn:
-                    budget.error(shard, f"{sample.get('__key__')}: cannot decode ({type(exn).__name__}: {exn})")
+                    budget.error(shard, f"{sample.get('__key__')}: cannot decode ({type(exn).__name__}: {exn})", 1, counted)
                     continue
-                budget.good(shard)
+                budget.good(shard, counted)
                 items.append(item)
                 real += 1
                 if len(items) == B:
-                    yield self.decoder.collate(items)
-                    items, made = [], made + 1
+                    batch, items, made = self.decoder.collate(items), [], made + 1
+                    self._record(slot[2], made, drawn, budget, real)
+                    yield batch
                     if plan.batches is not None and made >= plan.batches:
-                        return
+                        break
+                    rng = epoch_rng("augment", self.seed, *slot, made)
+        budget.finish(len(plan.pieces) if plan.pieces is not None else 1)
         # the pieces are exhausted or the sample quota met: pad validation, drop a partial training batch
         if plan.pad:
             missing = (plan.samples or 0) - real  # samples lost to bad data become padding
@@ -287,6 +323,15 @@ class ShardStream(IterableDataset):
                 yield self.decoder.collate([self.decoder.pad() for _ in range(B)])
         elif items and not self.train:
             yield self.decoder.collate(items)
+
+    def _record(self, worker: int, made: int, drawn: int, budget: ErrorBudget, real: int) -> None:
+        """Note where this worker's stream stands after its batch number `made` (shared memory, for
+        `StreamLoader.state_dict`); a ring of the last PROGRESS_RING batches, enough for any prefetching."""
+        ring = self._progress
+        if ring is not None and worker < ring.shape[0]:
+            if self._progress_view is None:
+                self._progress_view = ring.numpy()
+            self._progress_view[worker, (made - 1) % PROGRESS_RING] = (made, drawn, budget.ok, budget.bad, real)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -283,3 +283,42 @@ def test_missing_remote_shard_is_counted(tmp_path, monkeypatch, shards):
 def test_unsupported_scheme_is_refused():
     with pytest.raises(ValueError, match="unsupported scheme 'ftp://'.*s3://"):
         expand_urls("ftp://host/a.tar")
+
+
+# ---------------------------------------------------------------------------------------------- the error budget
+
+
+def test_budget_is_judged_at_the_end_of_a_range_whatever_its_size(tmp_path):
+    """Issue 14, finding 5: 99 corrupt samples before 128 good ones never reached the mid-stream check (it ran only on
+    an error, and only after 100 samples), and a validation set that is all corrupt read as an empty success."""
+    samples = [_good(i) for i in range(227)]
+    for i in range(99):
+        samples[i]["jpg"] = b"corrupt"
+    write_tar(tmp_path / "val-000000.tar", samples)
+    ds = stream(str(tmp_path / "val-000000.tar"), train=False, batch_size=16)
+    with pytest.raises(RuntimeError, match=r"too much bad data: 99 of (100|227) samples skipped"):
+        list(ds)
+    with pytest.raises(RuntimeError, match=r"too much bad data: 99 of 227 samples skipped \(43.6% > max_error_rate"):
+        list(stream(str(tmp_path / "val-000000.tar"), train=False, min_error_samples=1000))  # judged at the end
+    lenient = stream(str(tmp_path / "val-000000.tar"), train=False, max_error_rate=0.5, min_error_samples=1000)
+    assert len(torch.cat([y for _, y in lenient])) == 128
+
+    write_tar(tmp_path / "bad-000000.tar", [{**_good(i), "jpg": b"corrupt"} for i in range(20)])
+    with pytest.raises(RuntimeError, match=r"too much bad data: 20 of 20 .*no good sample"):
+        list(stream(str(tmp_path / "bad-000000.tar"), train=False, max_error_rate=0.9))
+    write_tar(tmp_path / "empty-000000.tar", [])  # a reader that gets nothing at all from its shards
+    with pytest.raises(RuntimeError, match=r"no sample"):
+        list(stream(str(tmp_path / "empty-000000.tar"), train=False))
+
+
+def test_a_skip_seen_again_by_the_refill_is_counted_once(tmp_path):
+    """Issue 14, finding 6: the refill re-reads the range from its start and counted the same bad sample again, so 1
+    missing `cls` in 151 samples (0.66%) read as 1.3% and stopped a run whose limit is 1%."""
+    samples = [_good(i) for i in range(151)]
+    del samples[0]["cls"]
+    write_tar(tmp_path / "train-000000.tar", samples)
+    write_sizes(tmp_path, {"train-000000.tar": 151})
+    ds = stream(str(tmp_path / "train-000000.tar"), batch_size=151, max_error_rate=0.01)
+    (batch,) = list(ds)  # 150 good samples, then the refill's first good one
+    assert len(batch[1]) == 151
+    assert ds.stats.summary()["errors"] == 1
