@@ -15,8 +15,9 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from .metadata import write_sizes
+from .metadata import shard_sizes_table, write_sizes
 from .shards import ShardReadError, iter_shard
+from .samples import caption_lines
 from .transforms import IMAGE_KEYS
 from .urls import expand_urls
 
@@ -31,7 +32,9 @@ def inspect_shards(
     """Scan the shards of `pattern`; return a report dict (see `format_report`).
 
     With `write_size_file`, write (merge) sizes.json beside local shards, counting every sample the reader
-    will see, well-formed or not, so that exact epoch planning lines up with the data.
+    will see, well-formed or not, so that exact epoch planning lines up with the data. A shard that is
+    truncated, unreadable or empty is a problem and its count is not written (the entry it has is kept):
+    a size file must never shrink to what a damaged shard still holds.
     """
     urls = expand_urls(pattern, allow_pipe=allow_pipe)
     per_shard: dict[str, int] = {}
@@ -48,6 +51,8 @@ def inspect_shards(
         if len(problems) < max_problems:
             problems.append(text)
 
+    broken: set[str] = set()
+    listed: dict[str, Optional[dict]] = {}
     for url in urls:
         n = 0
         try:
@@ -75,11 +80,23 @@ def inspect_shards(
                     except ValueError:
                         problem(f"{where}: cls is not an integer: {sample['cls'][:20]!r}")
                 if "txt" in sample:
-                    for line in sample["txt"].decode("utf-8", "replace").splitlines():
-                        caption_words.append(len(line.split()))
+                    try:
+                        caption_words += [len(line.split()) for line in caption_lines(sample["txt"])]
+                    except UnicodeDecodeError as exn:
+                        problem(f"{where}: txt is not UTF-8 ({exn})")
         except ShardReadError as exn:
             problem(f"{os.path.basename(url)}: unreadable after {n} samples: {exn}")
+            broken.add(url)
         per_shard[url] = n
+        if n == 0 and url not in broken:
+            problem(f"{os.path.basename(url)}: no samples")
+            broken.add(url)
+        directory, name = os.path.split(url)
+        if "://" not in url and directory not in listed:
+            listed[directory] = shard_sizes_table(directory or ".")
+        promised = (listed.get(directory) or {}).get(name)
+        if promised is not None and promised != n:
+            problem(f"{name}: sizes.json lists {promised} samples, the shard holds {n}")
 
     written = []
     if write_size_file:
@@ -87,8 +104,9 @@ def inspect_shards(
         for url, n in per_shard.items():
             if "://" in url or url.startswith("pipe:"):
                 raise ValueError(f"can only write sizes.json beside local shards, not for {url}")
-            by_dir[os.path.dirname(url) or "."][os.path.basename(url)] = n
-        written = [str(write_sizes(d, table)) for d, table in by_dir.items()]
+            if url not in broken:
+                by_dir[os.path.dirname(url) or "."][os.path.basename(url)] = n
+        written = [str(write_sizes(d, table)) for d, table in by_dir.items() if table]
 
     report: dict[str, Any] = {
         "pattern": pattern,

@@ -25,6 +25,12 @@ from .transforms import IMAGE_KEYS, decode_eval, decode_train, image_bytes
 CAPTION_CHOICES = ("random", "first", "cycle")
 
 
+def caption_lines(txt: bytes) -> list[str]:
+    """The captions of a `txt` member: one per line, split at newlines only (str.splitlines would also split
+    at U+2028, U+0085, form feeds, ... that a caption may contain), stripped, empty lines dropped."""
+    return [c.strip() for c in txt.decode("utf-8").split("\n") if c.strip()]
+
+
 def _missing(sample: dict, required: Sequence[str]) -> Optional[str]:
     if not any(k in sample for k in IMAGE_KEYS):
         return f"{sample.get('__key__')}: no image member ({'/'.join(IMAGE_KEYS)})"
@@ -123,7 +129,7 @@ class ImageTextDecoder(ImageDecoder):
         return _missing(sample, ("txt",))
 
     def decode(self, sample: dict, rng: random.Random, epoch: int, train: bool):
-        captions = [c.strip() for c in sample["txt"].decode("utf-8").splitlines() if c.strip()]
+        captions = caption_lines(sample["txt"])
         if not captions:
             raise ValueError("empty caption")
         if self.caption == "first" or len(captions) == 1:

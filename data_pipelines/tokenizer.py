@@ -29,6 +29,8 @@ import braceexpand
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from .samples import caption_lines
+
 PAD, SOT, EOT = "<pad>", "<start_of_text>", "<end_of_text>"
 SPECIAL_TOKENS = (PAD, SOT, EOT)  # ids 0, 1, 2 in this order
 DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context
@@ -165,9 +167,7 @@ def _captions_in_shard(path: str) -> Iterator[str]:
     with tarfile.open(path, mode="r|*") as tar:
         for member in tar:
             if member.isreg() and member.name.endswith(".txt"):
-                for line in tar.extractfile(member).read().decode("utf-8").splitlines():
-                    if line.strip():
-                        yield line.strip()
+                yield from caption_lines(tar.extractfile(member).read())
 
 
 def _captions_in_table(path: Path, caption_col: int) -> Iterator[str]:
@@ -180,7 +180,7 @@ def _captions_in_table(path: Path, caption_col: int) -> Iterator[str]:
             if row and row[caption_col].strip():
                 yield row[caption_col].strip()
     else:
-        for line in text.splitlines():
+        for line in text.split("\n"):  # not splitlines(): a caption may hold U+2028 and the like
             if line.strip():
                 yield line.strip()
 
