@@ -1,14 +1,14 @@
 """A tiny LightningModule and data for the run-guard callbacks' tests: a linear classifier on 4 features.
 
-Faults are injected by arguments, not by monkeypatching the trainer: `nan_at_step` makes the loss NaN at that
-global step (on `nan_rank` only, or on every rank), `metric` chooses how the logged `val/score` moves, and
+Faults are injected by arguments, not by monkeypatching the trainer: `nan_steps` makes the loss NaN at those
+global steps (on `nan_rank` only, or on every rank), `metric` chooses how the logged `val/score` moves, and
 `step_sleep` slows every step so that a signal can land mid-training.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 class TinyClassifier(pl.LightningModule):
     def __init__(
         self,
-        nan_at_step: Optional[int] = None,
+        nan_steps: Sequence[int] = (),
         nan_rank: Optional[int] = None,
         metric: str = "worse",
         step_sleep: float = 0.0,
@@ -26,6 +26,7 @@ class TinyClassifier(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.nan_steps = tuple(nan_steps)  # plain types only: the checkpoint loads with weights_only
         self.net = torch.nn.Linear(4, 3)
         self.losses: list[tuple[int, float]] = []  # (global step, loss) as training saw them
 
@@ -33,10 +34,8 @@ class TinyClassifier(pl.LightningModule):
         x, y = batch
         loss = torch.nn.functional.cross_entropy(self.net(x), y)
         hp = self.hparams
-        if hp.nan_at_step is not None and self.global_step >= hp.nan_at_step:
-            if hp.nan_rank is None or self.global_rank == hp.nan_rank:
-                if self.global_step == hp.nan_at_step:
-                    loss = loss * float("nan")
+        if self.global_step in hp.nan_steps and hp.nan_rank in (None, self.global_rank):
+            loss = loss * float("nan")
         self.losses.append((self.global_step, float(loss.detach())))
         if hp.step_sleep:
             time.sleep(hp.step_sleep)
