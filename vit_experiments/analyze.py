@@ -2,8 +2,8 @@
 
     vitx analyze --ckpt RUN/checkpoints/last.ckpt --images DIR|SHARDS --out OUT [--num-images 8]
 
-Rebuilds the VisionTransformer from the checkpoint's hyper-parameters (its ViTConfig, found wherever the task
-saved it: ViT, DeiT student or CLIP image tower), loads its weights, takes the first `--num-images` images of
+Rebuilds the VisionTransformer of the checkpoint (vit_experiments.checkpoints: a ViT, a DeiT student or CLIP's
+image tower) with its weights, takes the first `--num-images` images of
 DIR (image files, sorted by path; or, if DIR holds WebDataset shards, its val-*.tar shards) or of a shard
 pattern, prepares them like the evaluation pipeline (resize + centre crop, normalised with the mean/std the
 model was trained with), and writes the figures and numbers of vit_experiments.analysis.report into OUT:
@@ -14,7 +14,6 @@ patch-embedding filters (Fig. 10), as PNG, JSON and CSV.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import os
 import sys
@@ -22,94 +21,21 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from vit_experiments.models.pretrained import saved_normalization
-from vit_experiments.models.vit import ViTConfig, VisionTransformer
+from vit_experiments.checkpoints import CheckpointInfo, read_checkpoint
+from vit_experiments.models.vit import VisionTransformer
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-PREFERRED_PREFIXES = ("model.", "model.visual.", "model.student.", "student.", "visual.", "")
-VIT_FIELDS = {f.name for f in dataclasses.fields(ViTConfig)}
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
-def _vit_configs(hparams: Any, path: str = "") -> list[tuple[str, dict]]:
-    """(dotted key, dict) for every dict in the hyper-parameters that is a saved ViTConfig."""
-    found = []
-    if isinstance(hparams, dict):
-        keys = set(hparams)
-        if {"patch_size", "image_size", "embed_dim"} <= keys and keys <= VIT_FIELDS:
-            found.append((path, hparams))
-        for k, v in hparams.items():
-            found += _vit_configs(v, f"{path}.{k}" if path else str(k))
-    return found
-
-
-def _pick_config(hparams: dict, model_key: Optional[str]) -> tuple[str, dict]:
-    found = _vit_configs(hparams)
-    if model_key is not None:
-        for key, cfg in found:
-            if key == model_key:
-                return key, cfg
-        raise ValueError(f"--model-key {model_key!r} is not a ViT configuration in the checkpoint; "
-                         f"found: {[k for k, _ in found] or 'none'}")
-    if not found:
-        raise ValueError("the checkpoint's hyper_parameters hold no ViT configuration (a dict with image_size, "
-                         "patch_size, embed_dim, ...); is this a vitx checkpoint of a ViT, DeiT or CLIP task?")
-    if len(found) > 1:
-        for preferred in ("vit", "student", "vision", "clip.vision"):
-            for key, cfg in found:
-                if key == preferred:
-                    return key, cfg
-        raise ValueError(f"the checkpoint holds several ViT configurations {[k for k, _ in found]}; "
-                         "choose one with --model-key")
-    return found[0]
-
-
-def _pick_prefix(state: dict, cfg: ViTConfig, prefix: Optional[str]) -> str:
-    if prefix is not None:
-        if not any(k.startswith(prefix) for k in state):
-            raise ValueError(f"no weights under --prefix {prefix!r} in the checkpoint")
-        return prefix
-    want = (cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.patch_size)
-    suffix = "patch_embed.proj.weight"
-    found = [k[: -len(suffix)] for k, v in state.items() if k.endswith(suffix) and tuple(v.shape) == want]
-    if len(found) == 1:
-        return found[0]
-    for p in PREFERRED_PREFIXES:
-        if p in found:
-            return p
-    raise ValueError(f"cannot tell which weights belong to the ViT (candidates: {found or 'none'}); "
-                     "pass --prefix, e.g. --prefix model.")
-
-
-def load_vit(ckpt_path: str, model_key: Optional[str] = None, prefix: Optional[str] = None,
-             trust_checkpoint: bool = False) -> tuple[VisionTransformer, dict, dict]:
-    """(VisionTransformer with the checkpoint's weights, the checkpoint's hyper_parameters, {epoch, global_step})."""
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}; point --ckpt at RUN/checkpoints/last.ckpt")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=not trust_checkpoint)
-    except Exception as err:  # a pickled object other than tensors and plain types
-        raise ValueError(f"could not load {ckpt_path} safely ({type(err).__name__}: {err}); if you trust the "
-                         f"file, add --trust-checkpoint") from err
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint with hyper_parameters; `vitx analyze` rebuilds "
-                         "the model from them (use a checkpoint written by `vitx fit`)")
-    _, cfg_dict = _pick_config(hparams, model_key)
-    cfg = ViTConfig(**cfg_dict)
-    model = VisionTransformer(cfg)
-    state = ckpt["state_dict"]
-    p = _pick_prefix(state, cfg, prefix)
-    sub = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
-    own = model.state_dict()
-    sub = {k: v for k, v in sub.items() if k in own}  # e.g. CLIP's projection sits next to the tower
-    missing = sorted(set(own) - set(sub))
-    if missing:
-        shown = f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
-        raise ValueError(f"the checkpoint's weights under {p!r} miss {shown}; pick the right ones with --prefix / "
-                         f"--model-key")
-    model.load_state_dict(sub)
-    return model.eval(), hparams, {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
+def load_vit(ckpt_path: str, trust_checkpoint: bool = False) -> tuple[VisionTransformer, CheckpointInfo]:
+    """The VisionTransformer of a checkpoint (a ViT or DeiT network, CLIP's image tower), in eval mode, and the
+    checkpoint's description (normalisation, class names, step)."""
+    info = read_checkpoint(ckpt_path, trust=trust_checkpoint)
+    if info.config is None:
+        raise ValueError(f"{ckpt_path} holds bare weights without an architecture ({info.describe()}); "
+                         "`vitx analyze` needs a checkpoint written by `vitx fit`")
+    return info.vision_transformer().eval(), info
 
 
 # -- the images --------------------------------------------------------------------------------------------------
@@ -123,7 +49,8 @@ def _image_files(directory: str) -> list[str]:
 def load_images(spec: str, size: int, num: int, crop_pct: float = 0.875) -> tuple[torch.Tensor, list[str]]:
     """The first `num` images of a folder, a shard folder, a shard pattern or one image file -> (uint8 (n, 3, size,
     size), names), prepared like the evaluation pipeline (resize the shorter side, centre crop)."""
-    from data_pipelines.streaming import expand_urls, iter_shard
+    from data_pipelines.shards import iter_shard
+    from data_pipelines.urls import expand_urls
     from data_pipelines.transforms import decode_eval, image_bytes
 
     items: list[tuple[str, bytes]] = []
@@ -185,9 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean", type=float, nargs="+", help="normalisation mean (default: the checkpoint's)")
     p.add_argument("--std", type=float, nargs="+", help="normalisation std (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--model-key", default=None,
-                   help="hyper-parameter key of the ViT configuration when there are several (e.g. vit, clip.vision)")
-    p.add_argument("--prefix", default=None, help="state-dict prefix of the ViT weights (e.g. model. or model.visual.)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need full unpickling (only for files you trust)")
     return p
@@ -201,17 +125,19 @@ def main_analyze(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_images < 1:
         raise SystemExit("vitx analyze: --num-images must be >= 1")
     try:
-        model, hparams, meta = load_vit(args.ckpt, args.model_key, args.prefix, args.trust_checkpoint)
+        model, info = load_vit(args.ckpt, args.trust_checkpoint)
     except (ValueError, FileNotFoundError) as err:
         print(f"vitx analyze: {err}", file=sys.stderr)
         return 2
     cfg = model.cfg
-    saved_mean, saved_std = saved_normalization(hparams)
-    mean, std = args.mean or saved_mean, args.std or saved_std
+    saved = info.normalization or {}
+    mean, std = args.mean or saved.get("mean"), args.std or saved.get("std")
     if mean is None or std is None:
         print("vitx analyze: the checkpoint names no mean/std; using ImageNet's (set --mean/--std otherwise)",
               file=sys.stderr)
         mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    where = "the checkpoint's" if saved and not (args.mean or args.std) else "given"
+    print(f"normalisation ({where}): mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         images, names = load_images(args.images, cfg.image_size, args.num_images, args.crop_pct)
@@ -226,7 +152,9 @@ def main_analyze(argv: Optional[Sequence[str]] = None) -> int:
     model.to(device)
     result = analyze_model(model, normalize(images.to(device), mean, std), images, num_components=args.num_components,
                            rollout_token=args.rollout_token)
-    extra = {"checkpoint": os.path.abspath(args.ckpt), "images": args.images, "image_names": names, **meta}
+    extra = {"checkpoint": os.path.abspath(args.ckpt), "images": args.images, "image_names": names,
+             "epoch": info.epoch, "global_step": info.global_step, "family": info.family,
+             "normalization": {"mean": list(mean), "std": list(std)}}
     paths = save_report(result, args.out, extra=extra)
     print(summary_text(result))
     print(f"wrote {len(paths)} files to {args.out}")

@@ -5,23 +5,30 @@
     vitx analyze --ckpt RUN/checkpoints/last.ckpt --images DIR|SHARDS --out OUT
 
 The training verbs are Lightning's LightningCLI over the typed signatures of the tasks and datamodules: every
-argument of a task, a datamodule or the Trainer is a config key and a command-line flag, OmegaConf
-interpolation (`${model.init_args.vit.image_size}`) works across the stacked YAML files, and an unknown key is an error before
-anything runs. The resolved config is saved beside the run's TensorBoard events as config.yaml.
+argument of a task, a datamodule or the Trainer is a config key and a command-line flag, and an unknown key is an
+error before anything runs. Config files are read in jsonargparse's `omegaconf+` mode: interpolations
+(`${model.init_args.vit.image_size}`) are resolved once, over the config that the stacked files and the flags
+make together, so a flag reaches every field that refers to it. The resolved config is saved beside the run's
+TensorBoard events as config.yaml.
+
+Beyond LightningCLI, vitx resolves what the data knows: a classifier whose `num_classes` is unset takes it from
+the shards' classes.json. A ViT `variant` given on the command line replaces the dimensions a config file set.
+Every checkpoint is loaded with `weights_only=True` unless `--weights_only false` says the file is trusted.
 """
 
 from __future__ import annotations
 
+import re
 import sys
-import tempfile
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 TRAINING_VERBS = ("fit", "validate", "test", "predict")
+# the dimensions a ViT variant sets (models.vit.VARIANTS, plus the patch size of "B/16")
+VARIANT_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim")
 
 # Lightning warnings about choices vitx makes on purpose; each would otherwise print in every run.
 INTENDED = (
@@ -29,84 +36,133 @@ INTENDED = (
     r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
     # ImageThroughput logs images/s; model FLOPs utilisation is measured by `make bench`
     r".*`ThroughputMonitor`, you need to define a `flops_per_batch`",
+    # the stream's __len__ is exact per worker: the planner gives every worker its own share of every epoch
+    r".*Your `IterableDataset` has `__len__` defined",
+    # raised inside Lightning's own code under torch >= 2.10, nothing a vitx user can change
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
 )
 
 USAGE = """usage: vitx {fit,validate,test,predict,data,analyze} ...
 
-  fit|validate|test|predict   train or evaluate (LightningCLI): vitx fit --config conf/vit/pretrain.yaml
-  data                        write or inspect shards: vitx data --help
-  analyze                     attention distance, position similarity, rollout for a checkpoint: vitx analyze --help
+  fit                 train: vitx fit --config conf/vit/pretrain.yaml [--config conf/trainer/ddp.yaml] [--model.optim.lr 5e-4]
+  validate|test       evaluate a checkpoint: vitx validate --config conf/vit/pretrain.yaml --ckpt_path RUN/checkpoints/last.ckpt
+  predict             predictions of a checkpoint on the data module's predict set
+  data                write or inspect shards: vitx data --help
+  analyze             attention distance, position similarity, rollout, filters of a checkpoint: vitx analyze --help
+
+  vitx fit --help lists every option of the trainer, the model and the data (add --model.help CLASS for a task's).
 """
 
 
+def _flag_paths(argv: list[str]) -> set[str]:
+    """Dotted keys given as command-line flags, without LightningCLI's `init_args` level."""
+    keys = set()
+    for arg in argv:
+        if arg.startswith("--") and not arg.startswith("--config"):
+            keys.add(arg[2:].split("=", 1)[0].replace(".init_args.", "."))
+    return keys
+
+
+def _vit_nodes(node: Any, path: str = "") -> list[tuple[str, Namespace]]:
+    """(dotted path without init_args, namespace) of every ViT configuration under `node`."""
+    found = []
+    if isinstance(node, Namespace):
+        keys = set(node.keys())
+        if {"variant", "patch_size", "embed_dim", "image_size"} <= keys:
+            found.append((path, node))
+        for key in node.keys():
+            if "." in key:
+                continue
+            child = node.get(key)
+            if isinstance(child, Namespace):
+                found += _vit_nodes(child, path if key == "init_args" else f"{path}.{key}".lstrip("."))
+    return found
+
+
 class VitxCLI(LightningCLI):
-    """LightningCLI with OmegaConf-parsed configs and the resolved config saved in every run directory."""
+    """LightningCLI in omegaconf+ mode, with what the data knows filled in (see the module docstring)."""
 
     def __init__(self, args: Optional[list[str]] = None) -> None:
-        parser_kwargs = {verb: {"parser_mode": "omegaconf"} for verb in TRAINING_VERBS}
+        """args: the command line after `vitx`; None reads sys.argv (LightningCLI warns when given both)."""
+        self.argv = list(sys.argv[1:] if args is None else args)
+        # interpolations in files are written from the root (`${model.init_args...}`); jsonargparse resolves them
+        # per subcommand, so they are made relative to where they stand
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         super().__init__(
             model_class=None,  # any LightningModule, chosen by class_path in the config
             datamodule_class=None,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            parser_kwargs=parser_kwargs,
+            parser_kwargs={"parser_mode": "omegaconf+"},
             save_config_kwargs={"overwrite": True},
             args=args,
         )
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.get("weights_only") is None:
+            config["weights_only"] = True  # Lightning's default for a remote --ckpt_path would unpickle anything
+        model = config.get("model")
+        if isinstance(model, Namespace):
+            self._variant_from_command_line(model)
+            self._num_classes_from_data(model, config.get("data"))
 
-def resolve_config_files(argv: list[str]) -> list[str]:
-    """Merge the `--config` files of `argv` with OmegaConf and resolve their interpolations, so that a value in
-    one file (`${model.init_args.vit.image_size}`) can feed a field of any other. The merged, resolved config
-    replaces the files, at the place of the first one; flags after it still override single fields.
+    def _variant_from_command_line(self, model: Namespace) -> None:
+        flags = _flag_paths(self.argv)
+        for path, vit in _vit_nodes(model, "model"):
+            if f"{path}.variant" not in flags or vit.get("variant") is None:
+                continue
+            replaced = {f: vit[f] for f in VARIANT_FIELDS if vit.get(f) is not None and f"{path}.{f}" not in flags}
+            for f in replaced:
+                vit[f] = None
+            if replaced:
+                print(f"vitx: {path}.variant {vit['variant']} from the command line replaces "
+                      f"{', '.join(f'{k} {v}' for k, v in replaced.items())} set by the config", file=sys.stderr)
 
-    jsonargparse validates each class's init_args before its own OmegaConf pass would run, so interpolations
-    into typed fields are resolved here, first."""
-    paths, rest, first = [], [], None
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            paths.append(argv[i + 1])
-            i += 2
-        elif arg.startswith("--config="):
-            paths.append(arg.split("=", 1)[1])
-            i += 1
-        else:
-            rest.append(arg)
-            i += 1
+    def _num_classes_from_data(self, model: Namespace, data: Any) -> None:
+        init = model.get("init_args")
+        if not isinstance(init, Namespace):
+            return
+        unset = [key for key in ("vit", "resnet") if isinstance(init.get(key), Namespace)
+                 and "num_classes" in init[key] and init[key]["num_classes"] is None]
+        if not unset:
+            return
+        names = _class_names(data)
+        if names is None:
+            raise SystemExit(
+                f"vitx: model.{unset[0]}.num_classes is not set and the data names no classes (no classes.json "
+                f"beside the shards): set --model.{unset[0]}.num_classes N")
+        for key in unset:
+            init[key]["num_classes"] = len(names)
+
+
+def _class_names(data: Any) -> Optional[list[str]]:
+    """The class names of the data's training (else validation) shards, from the classes.json beside them."""
+    from data_pipelines.metadata import read_classes
+    from data_pipelines.urls import expand_urls
+
+    init = data.get("init_args") if isinstance(data, Namespace) else None
+    if not isinstance(init, Namespace):
+        return None
+    for key in ("train_shards", "val_shards"):
+        pattern = init.get(key)
+        if not pattern:
             continue
-        first = len(rest) if first is None else first
-    texts = [open(p).read() for p in paths]
-    if not any("${" in t for t in texts):
-        return argv
-    merged = OmegaConf.create({})
-    for path in paths:
-        merged = OmegaConf.merge(merged, fold_appends(merged, OmegaConf.load(path)))
-    resolved = OmegaConf.to_yaml(merged, resolve=True)
-    out = tempfile.NamedTemporaryFile("w", prefix="vitx-config-", suffix=".yaml", delete=False)
-    out.write(f"# merged and resolved from: {' '.join(paths)}\n{resolved}")
-    out.close()
-    return rest[:first] + ["--config", out.name] + rest[first:]
+        try:
+            names = read_classes(expand_urls(pattern))
+        except (ValueError, FileNotFoundError, OSError):
+            names = None  # not written yet (synthesize_if_missing) or remote: the data module decides later
+        if names:
+            return names
+        if init.get("synthesize_if_missing"):
+            from data_pipelines.synthetic import CLASS_NAMES
 
-
-def fold_appends(base: DictConfig, cfg: DictConfig) -> DictConfig:
-    """A later file's `key+: [...]` (jsonargparse's list append, e.g. `trainer.callbacks+` in an overlay)
-    extended by the list that the earlier files gave `key`: OmegaConf's merge would otherwise keep both keys, and
-    jsonargparse would then replace the list instead of appending to it."""
-    for key in list(cfg.keys()):
-        value = cfg[key]
-        name = str(key)[:-1]
-        if str(key).endswith("+") and isinstance(base.get(name), ListConfig):
-            added = OmegaConf.to_container(value) if isinstance(value, ListConfig) else [value]
-            cfg[name] = OmegaConf.to_container(base[name]) + added  # interpolations kept, resolved later
-            del cfg[key]
-        elif isinstance(value, DictConfig) and isinstance(base.get(key), DictConfig):
-            fold_appends(base[key], value)
-    return cfg
+            return list(CLASS_NAMES)
+    return None
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from_python = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = argv[0] if argv else None
     if verb == "data":
@@ -117,12 +173,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         from vit_experiments.analyze import main_analyze
 
         sys.exit(main_analyze(argv[1:]))
-    if verb in (None, "help") or (verb not in TRAINING_VERBS and not verb.startswith("-")):
-        print(USAGE, file=sys.stderr)
-        sys.exit(0 if verb in (None, "help") else 2)
+    if verb in (None, "help", "-h", "--help") or verb not in TRAINING_VERBS:
+        print(USAGE, file=sys.stdout if verb in ("-h", "--help", "help") else sys.stderr)
+        sys.exit(0 if verb in (None, "help", "-h", "--help") else 2)
     for message in INTENDED:
         warnings.filterwarnings("ignore", message=message)
-    VitxCLI(args=resolve_config_files(argv))
+    VitxCLI(args=argv if from_python else None)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,12 @@ def write_pngs(images, folder):
     return folder
 
 
-def fake_checkpoint(path, hparams, state, prefix):
-    torch.save({"state_dict": {prefix + k: v for k, v in state.items()}, "hyper_parameters": hparams,
-                "epoch": 3, "global_step": 30}, path)
+def task_checkpoint(path, task, epoch=3, global_step=30):
+    """What Lightning writes for a task: hyperparameters, state dict and what the task adds on saving."""
+    ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams), "epoch": epoch,
+            "global_step": global_step}
+    task.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
     return path
 
 
@@ -60,17 +63,20 @@ def test_reproduces_the_callback_numbers_from_the_checkpoint(tmp_path):
     assert (out / "attention_distance.csv").read_text().count("\n") == 1 + 2 * 2
 
 
-def test_shards_nested_clip_config_and_deit(tmp_path, tiny_shapes, capsys):
+def test_shards_clip_image_tower_and_deit(tmp_path, tiny_shapes, capsys):
+    from vit_experiments.models.clip import CLIPConfig
+    from vit_experiments.models.text import TextConfig
+    from vit_experiments.tasks.contrastive import ContrastivePretraining
+    from vit_experiments.tasks.distillation import DistillationClassifier
+
     torch.manual_seed(0)
-    cfg = ViTConfig(**{**CFG, "num_classes": 0})
-    vit = VisionTransformer(cfg)
-    state = {**vit.state_dict(), "proj": torch.randn(16, 8)}  # a CLIP tower has its projection beside it
-    text = {"vocab_size": 100, "width": 16}
-    ckpt = fake_checkpoint(tmp_path / "clip.ckpt", {"clip": {"vision": dataclasses.asdict(cfg), "text": text},
-                                                    "mean": [0.5] * 3, "std": [0.5] * 3}, state, "model.visual.")
-    model, _, meta = load_vit(str(ckpt))
-    assert meta == {"epoch": 3, "global_step": 30}
-    for k, v in vit.state_dict().items():
+    clip_cfg = CLIPConfig(embed_dim=8, vision=ViTConfig(**{**CFG, "num_classes": 0}),
+                          text=TextConfig(vocab_size=100, width=16, depth=1, num_heads=2))
+    clip = ContrastivePretraining(clip_cfg, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    ckpt = task_checkpoint(tmp_path / "clip.ckpt", clip)
+    model, info = load_vit(str(ckpt))
+    assert (info.epoch, info.global_step, info.family) == (3, 30, "clip")
+    for k, v in clip.model.visual.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
     # shards: a folder of shards (val-*.tar first) and an explicit pattern
     for images in (str(tiny_shapes), str(tiny_shapes / "train-000000.tar")):
@@ -78,32 +84,34 @@ def test_shards_nested_clip_config_and_deit(tmp_path, tiny_shapes, capsys):
         assert main_analyze(["--ckpt", str(ckpt), "--images", images, "--out", str(out), "--num-images", "5"]) == 0
         data = json.loads((out / "analysis.json").read_text())
         assert data["num_images"] == 5 and len(data["image_names"]) == 5
-    assert "topology score" in capsys.readouterr().out
+        assert data["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}  # the one it was trained with
+    captured = capsys.readouterr()
+    assert "topology score" in captured.out and "no mean/std" not in captured.err
 
-    deit_cfg = ViTConfig(**{**CFG, "num_distill_tokens": 1})
-    deit = VisionTransformer(deit_cfg)
-    ckpt = fake_checkpoint(tmp_path / "deit.ckpt", {"vit": dataclasses.asdict(deit_cfg)}, deit.state_dict(), "model.")
+    deit = DistillationClassifier(ViTConfig(**{**CFG, "num_distill_tokens": 1}), distillation="none")
+    ckpt = task_checkpoint(tmp_path / "deit.ckpt", deit)
     out = tmp_path / "deit"
     assert main_analyze(["--ckpt", str(ckpt), "--images", str(tiny_shapes), "--out", str(out), "--num-images", "2",
                          "--rollout-token", "1"]) == 0
     data = json.loads((out / "analysis.json").read_text())
     assert data["num_prefix_tokens"] == 2 and data["rollout_token"] == 1
-    assert "no mean/std" in capsys.readouterr().err  # fell back to ImageNet's, and said so
 
 
 def test_errors_say_what_to_do(tmp_path, capsys):
+    from vit_experiments.models.resnet import ResNetConfig
+    from vit_experiments.tasks.classification import ImageClassifier
+
     args = ["--images", str(tmp_path), "--out", str(tmp_path / "o")]
     assert main_analyze(["--ckpt", str(tmp_path / "nope.ckpt"), *args]) == 2
-    assert "RUN/checkpoints/last.ckpt" in capsys.readouterr().err
+    assert "checkpoint not found" in capsys.readouterr().err
     vit = VisionTransformer(ViTConfig(**CFG))
-    ckpt = fake_checkpoint(tmp_path / "a.ckpt", {"lr": 0.1}, vit.state_dict(), "model.")
-    assert main_analyze(["--ckpt", str(ckpt), *args]) == 2
-    assert "no ViT configuration" in capsys.readouterr().err
-    ckpt = fake_checkpoint(tmp_path / "b.ckpt", {"vit": dataclasses.asdict(vit.cfg)}, vit.state_dict(), "model.")
+    torch.save(vit.state_dict(), tmp_path / "bare.pth")
+    assert main_analyze(["--ckpt", str(tmp_path / "bare.pth"), *args]) == 2
+    assert "without an architecture" in capsys.readouterr().err
+    resnet = ImageClassifier(resnet=ResNetConfig(depth=18, base_width=4, num_classes=3))
+    assert main_analyze(["--ckpt", str(task_checkpoint(tmp_path / "r.ckpt", resnet)), *args]) == 2
+    assert "need a vision transformer" in capsys.readouterr().err
+    ckpt = task_checkpoint(tmp_path / "b.ckpt", ImageClassifier(ViTConfig(**CFG)))
     (tmp_path / "empty").mkdir()
     assert main_analyze(["--ckpt", str(ckpt), "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "holds no images" in capsys.readouterr().err
-    two = {"teacher": dataclasses.asdict(vit.cfg), "other": dataclasses.asdict(vit.cfg)}
-    ckpt = fake_checkpoint(tmp_path / "c.ckpt", two, vit.state_dict(), "model.")
-    assert main_analyze(["--ckpt", str(ckpt), *args]) == 2
-    assert "--model-key" in capsys.readouterr().err

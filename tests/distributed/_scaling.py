@@ -20,8 +20,6 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 
 from tests.models.test_clip import captions
-from vit_experiments.scaling import FullyShardable
-from vit_experiments.tasks.contrastive import ContrastivePretraining
 
 
 class _RankBatches(IterableDataset):
@@ -99,22 +97,6 @@ class RecordLosses(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             Path(self.path).write_text(json.dumps(self.record))
-
-
-# the FSDP2 hook mixed in, unless the task already has it (all a task needs to run under conf/trainer/fsdp.yaml)
-_CLIP_BASES = (
-    (ContrastivePretraining,) if issubclass(ContrastivePretraining, FullyShardable)
-    else (FullyShardable, ContrastivePretraining)
-)
-
-
-class ShardableCLIP(*_CLIP_BASES):
-    """CLIP's task, shardable, and without a tokenizer: GlobalBatchData's batches carry token ids already."""
-
-    def setup(self, stage: str) -> None:
-        from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
-
-        self.mean, self.std = self.mean or CLIP_MEAN, self.std or CLIP_STD
 
 
 def main(jobs_file: str) -> None:

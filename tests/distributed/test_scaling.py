@@ -25,15 +25,9 @@ from tests.conftest import REPO
 from tests.models.test_clip import captions, tiny_config
 from vit_experiments.losses import contrastive_loss
 from vit_experiments.models.clip import CLIP
-from vit_experiments.models.layers import Block
+from vit_experiments.models.resnet import ResNet, ResNetConfig
 from vit_experiments.models.vit import ViTConfig, VisionTransformer
-from vit_experiments.scaling import (
-    apply_activation_checkpointing,
-    compile_blocks,
-    is_checkpointed,
-    remove_activation_checkpointing,
-    transformer_blocks,
-)
+from vit_experiments.scaling import compile_units, scaling_units
 
 TRAINER = REPO / "conf" / "trainer"
 STEPS = 4  # 2 epochs of 2 global batches of 16
@@ -70,25 +64,28 @@ def clip_loss(model):
     [
         (lambda: tiny_vit(drop_rate=0.1, drop_path_rate=0.2), vit_loss),  # random masks are recomputed alike
         (lambda: CLIP(tiny_config()), clip_loss),  # both towers; the text blocks take is_causal
+        (lambda: ResNet(ResNetConfig(depth=18, base_width=4, num_classes=5, stem="cifar", image_size=16)),
+         vit_loss),  # per residual stage, BatchNorm statistics counted once
     ],
-    ids=["vit-with-dropout-and-drop-path", "clip"],
+    ids=["vit-with-dropout-and-drop-path", "clip", "resnet"],
 )
 def test_activation_checkpointing_gives_the_same_gradients(make, loss_fn):
     torch.manual_seed(0)
     plain = make().train()
     ckpt = copy.deepcopy(plain)
-    n = apply_activation_checkpointing(ckpt)
-    assert n == len(transformer_blocks(plain)) > 0
-    assert all(isinstance(b, Block) and is_checkpointed(b) for b in transformer_blocks(ckpt))
+    ckpt.set_grad_checkpointing(True)
+    assert len(scaling_units(ckpt)) > 0
     assert list(ckpt.state_dict()) == list(plain.state_dict())  # names unchanged: checkpoints interchange
     expected, got = grads_after_step(plain, loss_fn), grads_after_step(ckpt, loss_fn)
     for name, g in expected.items():
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):  # BatchNorm running statistics
+        torch.testing.assert_close(b, a, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_activation_checkpointing_recomputes_in_backward_and_is_removable():
+def test_activation_checkpointing_recomputes_in_backward_and_switches_off():
     model = tiny_vit()
-    apply_activation_checkpointing(model)
+    model.set_grad_checkpointing(True)
     calls = []
     model.blocks[0].mlp.register_forward_pre_hook(lambda *args: calls.append(torch.is_grad_enabled()))
     vit_loss(model).backward()
@@ -96,17 +93,17 @@ def test_activation_checkpointing_recomputes_in_backward_and_is_removable():
     with torch.no_grad():
         model(torch.randn(1, 3, 16, 16))  # no recomputation to prepare when there is no backward
     assert len(calls) == 3
-    apply_activation_checkpointing(model)  # idempotent
-    remove_activation_checkpointing(model)
-    assert type(model.blocks[0]) is Block
+    model.set_grad_checkpointing(False)
+    vit_loss(model).backward()
+    assert len(calls) == 4  # no recomputation
 
 
 def test_compile_blocks_keeps_names_and_outputs():
     torch.manual_seed(0)
     model = tiny_vit().eval()
     compiled = copy.deepcopy(model)
-    apply_activation_checkpointing(compiled)  # the two compose: compile traces the checkpointed forward
-    assert compile_blocks(compiled, backend="eager") == 2  # "eager": trace with dynamo, no code generation
+    compiled.set_grad_checkpointing(True)  # the two compose: compile traces the checkpointed forward
+    assert compile_units(compiled, backend="eager") == 2  # "eager": trace with dynamo, no code generation
     assert list(compiled.state_dict()) == list(model.state_dict())
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(compiled(x), model(x))
@@ -128,7 +125,7 @@ def experiment(tmp: Path, name: str, clip: bool = False, ckpt_dir: bool = False,
         })
     if clip:
         model = {
-            "class_path": "tests.distributed._scaling.ShardableCLIP",
+            "class_path": "vit_experiments.tasks.contrastive.ContrastivePretraining",
             "init_args": {
                 "clip": {
                     "embed_dim": 16,

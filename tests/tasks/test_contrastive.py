@@ -44,7 +44,6 @@ def tiny_args(config: Path, corpus: Path, runs: Path, *extra: str) -> list[str]:
         "--data.val_shards", str(corpus / "val-000000.tar"),
         "--data.batch_size", "16",
         "--data.num_workers", "0",
-        "--data.image_size", "16",
         "--model.tokenizer", str(corpus / "tokenizer.json"),
         "--model.clip.embed_dim", "16",
         "--model.clip.vision.image_size", "16",
@@ -101,7 +100,8 @@ def test_run_directory_and_checkpoint_carry_the_tokenizer(demo_run, corpus):
     saved = CaptionTokenizer.load(demo_run / "tokenizer.json")
     assert saved.to_str() == CaptionTokenizer.load(corpus / "tokenizer.json").to_str()
     ckpt = torch.load(demo_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert CaptionTokenizer.from_str(ckpt["tokenizer"]).to_str() == saved.to_str()
+    assert CaptionTokenizer.from_str(ckpt["vitx"]["tokenizer"]).to_str() == saved.to_str()
+    assert ckpt["vitx"]["family"] == "clip" and ckpt["vitx"]["normalization"]["mean"]
     task = ContrastivePretraining.load_from_checkpoint(demo_run / "checkpoints" / "last.ckpt", tokenizer=None)
     assert task.tokenizer is not None and task.model.cfg.vision.image_size == 16
 

@@ -15,10 +15,10 @@ from vit_experiments.cli import main
 from vit_experiments.models.resnet import ResNetConfig
 from vit_experiments.models.vit import ViTConfig
 from vit_experiments.tasks.classification import ImageClassifier
-from vit_experiments.tasks.cnn import CNNClassifier
-from vit_experiments.tasks.distillation import DeiTAugment, DistillationClassifier, load_teacher
+from vit_experiments.tasks.distillation import DeiTAugment, DistillationClassifier
 from vit_experiments.tasks.ema import build_ema, ema_decay_at
-from vit_experiments.tasks.layer_decay import layer_decay_param_groups
+from vit_experiments.tasks.optim import param_groups
+from vit_experiments.tasks.teacher import load_teacher
 
 TEACHER_CONFIG = str(REPO / "conf" / "cnn" / "teacher-shapes.yaml")
 DISTILL_CONFIG = str(REPO / "conf" / "deit" / "distill-shapes.yaml")
@@ -33,8 +33,11 @@ def student_config(**overrides) -> ViTConfig:
 
 
 def save_checkpoint(task: L.LightningModule, path: Path) -> Path:
-    """What Lightning's checkpoint holds for a teacher: the hyperparameters and the state dict."""
-    torch.save({"hyper_parameters": dict(task.hparams), "state_dict": task.state_dict()}, path)
+    """What Lightning's checkpoint holds for a teacher: the hyperparameters, the state dict and what the task adds
+    in on_save_checkpoint (its network, normalisation and class names)."""
+    ckpt = {"hyper_parameters": dict(task.hparams), "state_dict": task.state_dict()}
+    task.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
     return path
 
 
@@ -42,7 +45,7 @@ def save_checkpoint(task: L.LightningModule, path: Path) -> Path:
 def cnn_ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = ResNetConfig(depth=18, num_classes=10, image_size=24, stem="cifar", base_width=4)
-    task = CNNClassifier(cfg, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    task = ImageClassifier(resnet=cfg, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     for p in task.model.parameters():  # not an identity-like teacher: every weight nonzero
         torch.nn.init.normal_(p, std=0.1)
     return save_checkpoint(task, tmp_path_factory.mktemp("teacher") / "cnn.ckpt")
@@ -117,7 +120,7 @@ def test_bad_teachers_are_clear_errors(cnn_ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="make teacher"):
         distiller(tmp_path / "missing.ckpt")
     torch.save({"hyper_parameters": {"lr": 1.0}, "state_dict": {}}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="neither 'vit' nor 'resnet'"):
+    with pytest.raises(ValueError, match="not a checkpoint vitx can read"):
         distiller(tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="teacher predicts 10 classes but the student 5"):
         distiller(cnn_ckpt, vit=student_config(num_classes=5))
@@ -127,19 +130,20 @@ def test_bad_teachers_are_clear_errors(cnn_ckpt, tmp_path):
         DistillationClassifier(student_config(num_distill_tokens=0), distillation="none")
 
 
-def test_cnn_classifier_loads_a_resnet_state_dict_by_name(tmp_path):
+def test_resnet_classifier_loads_a_resnet_state_dict_by_name(tmp_path):
     """A ResNet saved by other code in the common layout (here: a 1000-class one) starts a 10-class teacher."""
     from vit_experiments.models.resnet import build_resnet
 
     src = build_resnet(18, num_classes=1000, base_width=4)
     torch.save(src.state_dict(), tmp_path / "resnet18.pth")
-    task = CNNClassifier(ResNetConfig(depth=18, num_classes=10, base_width=4), init_from=str(tmp_path / "resnet18.pth"))
+    task = ImageClassifier(resnet=ResNetConfig(depth=18, num_classes=10, base_width=4),
+                           init_from=str(tmp_path / "resnet18.pth"))
     assert torch.equal(task.model.layer3[1].conv2.weight, src.layer3[1].conv2.weight)
     assert torch.equal(task.model.layer2[0].downsample[1].running_var, src.layer2[0].downsample[1].running_var)
     assert task.model.fc.out_features == 10 and torch.count_nonzero(task.model.fc.weight) == 0
     torch.save(build_resnet(34, base_width=4).state_dict(), tmp_path / "resnet34.pth")
     with pytest.raises(ValueError, match="unexpected"):
-        CNNClassifier(ResNetConfig(depth=18, base_width=4), init_from=str(tmp_path / "resnet34.pth"))
+        ImageClassifier(resnet=ResNetConfig(depth=18, base_width=4), init_from=str(tmp_path / "resnet34.pth"))
 
 
 # ---- the student ---------------------------------------------------------------------------------------------
@@ -208,9 +212,8 @@ def test_layer_decay_scales_lr_by_depth():
     from vit_experiments.models.vit import VisionTransformer
 
     model = VisionTransformer(student_config(depth=3))
-    groups = layer_decay_param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5,
-                                      skip=model.no_weight_decay())
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    lr_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert lr_of[id(model.head.weight)] == lr_of[id(model.head_dist.weight)] == 1.0
     assert lr_of[id(model.blocks[2].attn.qkv.weight)] == 0.5
@@ -232,6 +235,7 @@ def test_training_batch_gets_mixed_targets_and_keeps_its_size(cnn_ckpt):
         training = True
 
     task.trainer = Training()
+    task._trainer = task.trainer
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     labels = torch.arange(8)
     out, seen, targets = task.on_after_batch_transfer((images, labels), 0)
@@ -268,7 +272,7 @@ def fitted_teacher(tiny_shapes, tmp_path_factory) -> Path:
     """`vitx fit` with the shipped teacher config, shrunk: a width-4 ResNet-18 on 16-px shapes, 2 steps."""
     runs = tmp_path_factory.mktemp("runs")
     main(["fit", "--config", TEACHER_CONFIG, *common_args(tiny_shapes, runs),
-          "--model.resnet.image_size", "16", "--data.image_size", "16", "--model.resnet.base_width", "4",
+          "--model.resnet.image_size", "16", "--model.resnet.base_width", "4",
           "--data.normalization", "cifar10"])  # not the students' default: the teacher must keep its own
     (ckpt,) = (runs / "cnn-teacher-shapes").glob("*/checkpoints/last.ckpt")
     return ckpt
@@ -286,7 +290,7 @@ def test_a_fitted_teacher_keeps_the_normalisation_its_data_module_gave_it(fitted
 def test_vitx_fit_with_each_loss(kind, fitted_teacher, tiny_shapes, tmp_path):
     main(["fit", "--config", DISTILL_CONFIG, *common_args(tiny_shapes, tmp_path),
           "--model.distillation", kind, "--model.teacher_ckpt", str(fitted_teacher),
-          "--model.vit.image_size", "16", "--data.image_size", "16", "--model.vit.embed_dim", "32", "--model.vit.depth", "1",
+          "--model.vit.image_size", "16", "--model.vit.embed_dim", "32", "--model.vit.depth", "1",
           "--model.vit.num_heads", "2", "--model.vit.mlp_dim", "64"])
     (run_dir,) = (tmp_path / "deit-distill-shapes").iterdir()
     tags = scalar_tags(run_dir)

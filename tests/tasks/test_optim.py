@@ -20,9 +20,13 @@ def test_warmup_is_linear_then_cosine_reaches_the_floor():
 
 
 def test_no_decay_on_norms_biases_and_named_tokens():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    class Net(nn.Sequential):
+        def no_weight_decay(self):
+            return {"pos_embed"}
+
+    model = Net(nn.Linear(4, 4), nn.LayerNorm(4))
     model.register_parameter("pos_embed", nn.Parameter(torch.zeros(1, 3, 4)))
-    decay, no_decay = param_groups(model, 0.05, skip={"pos_embed"})
+    decay, no_decay = param_groups(model, 0.05)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
 

@@ -74,6 +74,27 @@ class CLIP(nn.Module):
         names |= {f"text.{n}" for n in self.text.no_weight_decay()}
         return names | {"logit_scale"}
 
+    # ---- scaling hooks: both towers ------------------------------------------------------------------------
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def scaling_units(self) -> list[nn.Module]:
+        return self.visual.scaling_units() + self.text.scaling_units()
+
+    def param_layer(self, name: str) -> int:
+        """Each tower's own depth (so layer decay treats the towers alike); the projections and temperature on
+        top."""
+        if name.startswith("visual."):
+            return self.visual.param_layer(name[len("visual."):])
+        if name.startswith("text.") and not name.startswith("text.text_projection"):
+            return self.text.param_layer(name[len("text."):])
+        return self.num_layers()
+
+    def num_layers(self) -> int:
+        return max(self.visual.num_layers(), self.text.num_layers())
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, embed_dim), before normalisation: the class token after the ViT's final LayerNorm,
         projected."""

@@ -15,12 +15,14 @@ where the ImageNet stem (7x7 stride-2 convolution and a max-pool) would shrink i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 # depth -> (block type, blocks per stage)
 DEPTHS = {
@@ -39,8 +41,9 @@ class ResNetConfig:
 
     # 18 | 34 (basic blocks), 50 | 101 | 152 (bottleneck blocks)
     depth: int = 18
-    # size of the label set; 0 gives no classifier (pooled features only)
-    num_classes: int = 1000
+    # size of the label set; 0 gives no classifier (pooled features only). None: `vitx fit` takes it from the
+    # data (classes.json); a network built with None has ImageNet's 1000 outputs
+    num_classes: Optional[int] = None
     # the resolution the network is trained and evaluated at; the network accepts any size, but a teacher is
     # fed at this one (DeiT: "the teacher sees the image at its own resolution")
     image_size: int = 224
@@ -61,6 +64,8 @@ class ResNetConfig:
         for f in ("image_size", "base_width", "in_chans"):
             if int(getattr(self, f)) <= 0:
                 raise ValueError(f"{f} must be a positive integer, got {getattr(self, f)}")
+        if self.num_classes is None:
+            self.num_classes = 1000
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = no classifier), got {self.num_classes}")
 
@@ -72,6 +77,24 @@ class ResNetConfig:
     def num_features(self) -> int:
         """Channels of the pooled feature vector: 8x the base width, 4x more for bottleneck blocks."""
         return self.base_width * 8 * (4 if self.block == "bottleneck" else 1)
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of `module` keep their running statistics (momentum 0) inside the block: the recomputation
+    of a checkpointed stage in the backward pass must not count its batch a second time."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -157,6 +180,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_stage(block, 8 * w, blocks[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cfg.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False  # set_grad_checkpointing
         self.init_weights()
 
     def _make_stage(self, block, width: int, num_blocks: int, stride: int) -> nn.Sequential:
@@ -188,15 +212,41 @@ class ResNet(nn.Module):
         """Nothing beyond the 1-D parameters (BatchNorm scales and shifts, biases) that every task skips."""
         return set()
 
+    # ---- scaling hooks (the same API as the ViT's): the residual stages are the units ----------------------
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per residual stage: a stage keeps only its input and recomputes its
+        activations in the backward pass, with its BatchNorm statistics frozen during the recomputation."""
+        self.grad_checkpointing = enable
+
+    def scaling_units(self) -> list[nn.Module]:
+        """The residual stages layer1..layer4: sharded, compiled and checkpointed one by one."""
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def param_layer(self, name: str) -> int:
+        """0 for the stem, i for layer<i>, 5 for the classifier (layer-wise learning-rate decay)."""
+        head = name.split(".")[0]
+        if head.startswith("layer") and head[5:].isdigit():
+            return int(head[5:])
+        return self.num_layers() if head == "fc" else 0
+
+    def num_layers(self) -> int:
+        return 5
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(stage, x, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), _frozen_batchnorm_statistics(stage)))
+        return stage(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> the last stage's feature map (B, num_features, H/s, W/s), s = 32 or 8 (cifar)."""
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
             raise ValueError(f"expected images of shape (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, w, H/4, W/4), or (B, w, H, W) for cifar
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)  # (B, num_features, h, w)
+        for stage in self.scaling_units():
+            x = self._run_stage(stage, x)  # (B, w_i, H_i, W_i)
+        return x  # (B, num_features, h, w)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Feature map (B, F, h, w) -> logits (B, num_classes), or the pooled features (B, F) with pre_logits."""

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from vit_experiments.models.layers import Block
 
@@ -72,6 +73,7 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         # no bias: the embedding space is compared by angle only (paper, Fig. 3 pseudocode)
         self.text_projection = nn.Linear(cfg.width, embed_dim, bias=False)
+        self.grad_checkpointing = False  # set_grad_checkpointing
         self.init_weights()
 
     @torch.no_grad()
@@ -95,6 +97,25 @@ class TextTransformer(nn.Module):
     def no_weight_decay(self) -> set:
         return {"positional_embedding", "token_embedding.weight"}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block, as VisionTransformer.set_grad_checkpointing."""
+        self.grad_checkpointing = enable
+
+    def scaling_units(self) -> list[nn.Module]:
+        """The transformer blocks: sharded, compiled and checkpointed one by one."""
+        return list(self.blocks)
+
+    def param_layer(self, name: str) -> int:
+        """0 for the embeddings, i + 1 for blocks.i, num_layers() for the final norm and projection."""
+        if name.startswith(("token_embedding", "positional_embedding")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers()
+
+    def num_layers(self) -> int:
+        return self.cfg.depth + 1
+
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B,) index of the first end-of-text token in each row."""
         is_eot = ids == self.cfg.eot_token_id  # (B, T)
@@ -115,7 +136,10 @@ class TextTransformer(nn.Module):
             )
         x = self.token_embedding(ids) + self.positional_embedding[:T]  # (B, T, W)
         for block in self.blocks:
-            x = block(x, is_causal=True)  # (B, T, W)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, is_causal=True, use_reentrant=False)  # (B, T, W)
+            else:
+                x = block(x, is_causal=True)  # (B, T, W)
         return self.ln_final(x)
 
     def forward(self, ids: torch.Tensor, eot_positions: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from vit_experiments.models.layers import Block, PatchEmbed
 from vit_experiments.models.pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
@@ -63,8 +64,9 @@ class ViTConfig:
     mlp_dim: Optional[int] = None  # defaults to 4 * embed_dim, the paper's ratio, for a custom model
     # 3 for RGB; 1 for grayscale corpora
     in_chans: int = 3
-    # size of the label set; 0 gives no head (features only, e.g. CLIP's image tower)
-    num_classes: int = 1000
+    # size of the label set; 0 gives no head (features only, e.g. CLIP's image tower). None: `vitx fit` takes it
+    # from the data (classes.json beside the shards); a model built with None has ImageNet's 1000 outputs
+    num_classes: Optional[int] = None
     # "token": classify from the class token (ViT); "avg": mean of the patch tokens (ViT paper's GAP variant)
     pool: str = "token"
     # a learned class token in front of the patches; "avg" pooling can do without it
@@ -105,6 +107,8 @@ class ViTConfig:
                 raise ValueError(f"variant=None needs {', '.join(missing)}; set them, or {_variant_help()}")
             if self.mlp_dim is None:
                 self.mlp_dim = 4 * self.embed_dim
+        if self.num_classes is None:
+            self.num_classes = 1000
         for f in ("image_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "in_chans"):
             if int(getattr(self, f)) <= 0:
                 raise ValueError(f"{f} must be a positive integer, got {getattr(self, f)}")
@@ -180,6 +184,8 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         if cfg.num_distill_tokens:
             self.head_dist = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        # activation checkpointing (set_grad_checkpointing): off by default
+        self.grad_checkpointing = False
         self.init_weights()
 
     # ---- initialisation -------------------------------------------------------------------------------------
@@ -227,6 +233,30 @@ class VisionTransformer(nn.Module):
         """Names of parameters that should not be decayed (besides norms and biases, which any 1-D filter catches)."""
         return {n for n in ("pos_embed", "cls_token", "dist_token") if getattr(self, n) is not None}
 
+    # ---- scaling hooks (timm's API): the units that checkpointing, compile and FSDP work on -------------------
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (Chen et al. 2016): in training, each block keeps only its input and
+        recomputes its activations in the backward pass (about a third more compute, activation memory that no
+        longer grows with depth). Non-reentrant, RNG state preserved: dropout and drop-path draw the same masks."""
+        self.grad_checkpointing = enable
+
+    def scaling_units(self) -> List[nn.Module]:
+        """The modules that are sharded (FSDP), compiled and checkpointed one by one: the transformer blocks."""
+        return list(self.blocks)
+
+    def param_layer(self, name: str) -> int:
+        """Depth of a parameter for layer-wise learning-rate decay: 0 the embedding, i + 1 for blocks.i,
+        num_layers() for the final norm and heads."""
+        if name.startswith(("patch_embed", "cls_token", "dist_token", "pos_embed", "norm_pre")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers()
+
+    def num_layers(self) -> int:
+        return self.cfg.depth + 1
+
     # ---- forward --------------------------------------------------------------------------------------------
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,6 +283,8 @@ class VisionTransformer(nn.Module):
             if return_attention:
                 x, probs = block(x, return_attention=True)  # (B, T, D), (B, heads, T, T)
                 attentions.append(probs)
+            elif self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)  # (B, T, D), activations recomputed in backward
             else:
                 x = block(x)  # (B, T, D)
         x = self.norm(x)

@@ -18,33 +18,22 @@ embedding. It is copied into the run directory and stored in every checkpoint, f
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from typing import Any, Optional
 
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from data_pipelines.tokenizer import CaptionTokenizer
 from data_pipelines.transforms import CLIP_MEAN, CLIP_STD, normalize
+from vit_experiments.checkpoints import METADATA_KEY, config_from_dict
 from vit_experiments.losses import contrastive_loss
 from vit_experiments.models.clip import CLIP, CLIPConfig
-from vit_experiments.models.text import TextConfig
-from vit_experiments.models.vit import ViTConfig, VisionTransformer
-from vit_experiments.tasks.optim import OptimConfig, build_optimizer
-
-TOKENIZER_KEY = "tokenizer"  # where the tokenizer's JSON lives in a checkpoint
-NORMALIZATION_KEY = "normalization"  # and the image mean and std the model was trained with
+from vit_experiments.models.vit import VisionTransformer
+from vit_experiments.tasks.core import VisionTask
+from vit_experiments.tasks.optim import OptimConfig
 
 
-def clip_config_from_dict(d: dict) -> CLIPConfig:
-    """CLIPConfig from its asdict() form (the hyperparameters saved in a checkpoint)."""
-    d = dict(d)
-    vision, text = ViTConfig(**d.pop("vision")), TextConfig(**d.pop("text"))
-    return CLIPConfig(vision=vision, text=text, **d)
-
-
-class ContrastivePretraining(L.LightningModule):
+class ContrastivePretraining(VisionTask):
     """CLIP trained with the symmetric contrastive loss, AdamW and warm-up + cosine.
 
     Args:
@@ -52,10 +41,13 @@ class ContrastivePretraining(L.LightningModule):
         tokenizer: the caption tokenizer JSON (`vitx data train-tokenizer SHARDS OUT`). Not needed when
             resuming or evaluating a checkpoint, which carries its own.
         optim: learning rate, weight decay and schedule (CLIP: AdamW, beta2 0.98, weight decay 0.2).
-        mean: per-channel mean of the images scaled to [0, 1], for normalisation; by default the data module's
-            (its `normalization` preset), else CLIP's. Saved in the checkpoint.
+        mean: per-channel mean of [0, 1] pixels; by default a checkpoint's, else the data module's preset, else
+            CLIP's. Saved in every checkpoint.
         std: per-channel standard deviation, likewise.
+        init_from: a CLIP checkpoint to start from (the image tower's position embedding resampled).
     """
+
+    default_normalization = (CLIP_MEAN, CLIP_STD)
 
     def __init__(
         self,
@@ -64,37 +56,31 @@ class ContrastivePretraining(L.LightningModule):
         optim: OptimConfig = OptimConfig(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), warmup_steps=2000),
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
+        init_from: Optional[str] = None,
     ) -> None:
-        super().__init__()
-        clip = clip_config_from_dict(clip) if isinstance(clip, dict) else clip
-        optim = OptimConfig(**optim) if isinstance(optim, dict) else optim
-        # plain types only, so checkpoints load with torch.load(weights_only=True); `_class_path` names the task
-        self.save_hyperparameters(
-            {
-                "_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-                "clip": asdict(clip),
-                "tokenizer": tokenizer,
-                "optim": asdict(optim),
-                "mean": list(mean) if mean else None,
-                "std": list(std) if std else None,
-            }
-        )
-        self.optim_cfg = optim
+        super().__init__(optim, mean, std)
+        clip = config_from_dict("clip", clip) if isinstance(clip, dict) else clip
+        self.save_task_hyperparameters(clip=clip, tokenizer=tokenizer, optim=self.optim_cfg, mean=mean, std=std,
+                                       init_from=init_from)
         self.tokenizer_path = tokenizer
-        self.mean = tuple(mean) if mean else None
-        self.std = tuple(std) if std else None
         self.model = CLIP(clip)
+        self.init_weights_from(init_from)
         self.tokenizer: Optional[CaptionTokenizer] = None
         self.val_loss = MeanMetric()
 
     # -- hooks other code relies on ---------------------------------------------------------------------
+    def image_size(self) -> int:
+        return self.model.cfg.vision.image_size
+
+    def num_classes(self) -> None:
+        return None  # zero-shot classifies with any label set
+
     def analysis_backbone(self) -> VisionTransformer:
         """The image tower, for the attention and position-embedding analyses."""
         return self.model.visual
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor):
         return self.model(images, ids)  # (B, E), (B, E), ()
-
     # -- the tokenizer --------------------------------------------------------------------------------------
     def set_tokenizer(self, tokenizer: CaptionTokenizer) -> None:
         """Use `tokenizer` (checked against the text tower) here and in the datamodule's workers."""
@@ -125,55 +111,41 @@ class ContrastivePretraining(L.LightningModule):
 
     # -- setup ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.tokenizer is None:
-            if self.tokenizer_path and os.path.isfile(self.tokenizer_path):
-                self.set_tokenizer(CaptionTokenizer.load(self.tokenizer_path))
-            elif not self.trainer.ckpt_path:  # a checkpoint brings its own, in on_load_checkpoint
-                where = self.tokenizer_path or "data/<corpus>/tokenizer.json"
+        if self.tokenizer is None and self.tokenizer_path:
+            if not os.path.isfile(self.tokenizer_path):
                 raise FileNotFoundError(
-                    f"no caption tokenizer at {where}; train one on the training captions with "
-                    f"`vitx data train-tokenizer '<train shards>' {where}` and pass --model.tokenizer {where}"
-                )
-        else:
+                    f"no caption tokenizer at {self.tokenizer_path}; train one on the training captions with "
+                    f"`vitx data train-tokenizer '<train shards>' {self.tokenizer_path}`")
+            self.set_tokenizer(CaptionTokenizer.load(self.tokenizer_path))
+        elif self.tokenizer is not None:
             self.set_tokenizer(self.tokenizer)  # hand it to this trainer's datamodule
-        dm = getattr(self.trainer, "datamodule", None)
-        if self.mean is None or self.std is None:
-            self.mean = tuple(getattr(dm, "mean", None) or CLIP_MEAN)
-            self.std = tuple(getattr(dm, "std", None) or CLIP_STD)
-        data_size = getattr(getattr(dm, "hparams", None), "image_size", None)
-        if data_size is not None and data_size != self.model.cfg.vision.image_size:
-            raise ValueError(
-                f"the data is cropped to {data_size} px but the image tower expects "
-                f"{self.model.cfg.vision.image_size} px: set --data.image_size and --model.clip.vision.image_size alike"
-            )
+        # without either, captions must arrive as token ids, or a checkpoint brings its tokenizer
+        # (on_load_checkpoint); tokenize() says what to do otherwise
+        super().setup(stage)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         # the tokenizer beside the run: the run directory alone is enough to use the model
         log_dir = self.trainer.log_dir
         # without a logger, log_dir is the working directory: the tokenizer is still saved in checkpoints
         if self.trainer.is_global_zero and self.trainer.logger is not None and log_dir and self.tokenizer is not None:
             self.tokenizer.save(os.path.join(log_dir, "tokenizer.json"))
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.tokenizer is not None:
-            checkpoint[TOKENIZER_KEY] = self.tokenizer.to_str()
-        if self.mean is not None:  # beside the hyperparameters, which must keep the values the user gave
-            checkpoint[NORMALIZATION_KEY] = {"mean": list(self.mean), "std": list(self.std)}
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        meta = super().checkpoint_metadata()
+        meta["tokenizer"] = self.tokenizer.to_str() if self.tokenizer is not None else None
+        return meta
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if TOKENIZER_KEY in checkpoint:  # the model's own tokenizer wins over any file named in the config
-            self.set_tokenizer(CaptionTokenizer.from_str(checkpoint[TOKENIZER_KEY]))
-        if self.mean is None and NORMALIZATION_KEY in checkpoint:
-            self.mean = tuple(checkpoint[NORMALIZATION_KEY]["mean"])
-            self.std = tuple(checkpoint[NORMALIZATION_KEY]["std"])
+        super().on_load_checkpoint(checkpoint)
+        tokenizer = (checkpoint.get(METADATA_KEY) or {}).get("tokenizer")
+        if tokenizer:  # the model's own tokenizer wins over any file named in the config
+            self.set_tokenizer(CaptionTokenizer.from_str(tokenizer))
 
     # -- data on the accelerator ----------------------------------------------------------------------------
-    @property
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) the images are normalised with: given, else the data module's (set in setup), else CLIP's."""
-        return (self.mean or CLIP_MEAN), (self.std or CLIP_STD)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def prepare_batch(self, batch, training: bool):
+        """Normalised images, token ids, and the valid mask of evaluation padding. No flips: captions say
+        "left" and "right"."""
         images, texts = batch[0], batch[1]
         valid = batch[2] if len(batch) > 2 else torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
         images = normalize(images, *self.normalization)  # uint8 -> float32, on the accelerator
@@ -189,7 +161,7 @@ class ContrastivePretraining(L.LightningModule):
         self.log("train/logit_scale", logit_scale.detach().exp(), prog_bar=True)  # 1 / temperature
         return loss
 
-    def _evaluate(self, batch, stage: str) -> None:
+    def evaluate(self, batch, stage: str) -> None:
         images, ids, valid = batch
         image_emb, text_emb, logit_scale = self.model(images, ids)
         n = int(valid.sum())
@@ -198,24 +170,11 @@ class ContrastivePretraining(L.LightningModule):
             self.val_loss.update(loss, weight=n)
         self.log(f"{stage}/loss", self.val_loss, prog_bar=True)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         images, ids, valid = batch
         return {"image_embeddings": self.model.encode_image(images)[valid],
                 "text_embeddings": self.model.encode_text(ids)[valid]}
 
-    # -- optimisation -----------------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        total = int(self.trainer.estimated_stepping_batches)
-        opt, sched = build_optimizer(self.model, self.optim_cfg, total, skip=self.model.no_weight_decay())
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # after every step, on every device (also on each device's shard under FSDP): t <= ln 100
+    def after_optimizer_step(self) -> None:
+        # on every device (also on each device's shard under FSDP): t <= ln 100
         self.model.clamp_logit_scale()

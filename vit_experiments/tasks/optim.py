@@ -1,13 +1,16 @@
 """Optimiser and learning-rate schedule shared by every vitx task.
 
 AdamW (Loshchilov & Hutter 2019) with the weight-decay split that ViT and DeiT use: no decay on norms, biases,
-position embeddings and special tokens. Linear warm-up then cosine decay, stepped per optimiser step.
+position embeddings and special tokens (the network's `no_weight_decay()`). Linear warm-up then cosine decay,
+stepped per optimiser step. Optionally layer-wise learning-rate decay for fine-tuning (Clark et al. 2020, ELECTRA;
+Bao et al. 2022, BEiT Sec. 2.5): the top trains at the full rate and each layer below at `layer_decay` times the
+rate of the layer above, so the early layers, whose features transfer best, move least. Layers are numbered by
+the network's `param_layer(name)`, from 0 (embedding) to `num_layers()` (final norm and heads).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +24,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 500  # linear warm-up from ~0; a ViT without warm-up often diverges early
     min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio rather than 0, so late steps still learn
+    layer_decay: float = 1.0  # layer-wise lr decay for fine-tuning: 1.0 = off; BEiT uses 0.65-0.75
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -29,24 +33,34 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
 
 
-def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> list[dict]:
-    """Two groups: decayed matrices, and undecayed 1-D parameters (norms, biases) plus the names in `skip`
-    (position embedding, class and distillation tokens, the CLIP temperature)."""
-    skip = set(skip)
-    decay, no_decay = [], []
+def _decayed(name: str, p: torch.Tensor, skip: set[str]) -> bool:
+    return not (p.ndim <= 1 or name in skip or name.split(".")[-1] in skip)
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: per (layer, decayed or not) with `lr_scale = layer_decay ** (top - layer)`, or just
+    (decayed, not decayed) when layer_decay is 1. 1-D parameters (norms, biases) and the network's
+    `no_weight_decay()` names get no weight decay."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if layer_decay != 1.0 and not hasattr(model, "param_layer"):
+        raise ValueError(f"layer_decay needs a network that numbers its layers (param_layer); "
+                         f"{type(model).__name__} does not: set optim.layer_decay 1.0")
+    top = model.num_layers() if layer_decay != 1.0 else 0
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in skip or name.split(".")[-1] in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        layer = model.param_layer(name) if layer_decay != 1.0 else 0
+        decayed = _decayed(name, p, skip)
+        scale = layer_decay ** (top - layer)
+        group = groups.setdefault((layer, decayed), {"params": [], "weight_decay": weight_decay if decayed else 0.0,
+                                                     "lr_scale": scale})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -60,9 +74,13 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, total_steps: int, skip: Iterable[str] = ()
+    model: nn.Module, cfg: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, skip), lr=cfg.lr, betas=cfg.betas)
+    """AdamW over `param_groups` and the warm-up + cosine schedule; each group's lr is cfg.lr * its lr_scale."""
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))  # a short run still reaches the peak
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: warmup_cosine(step, warmup, total_steps, cfg.min_lr_ratio)
