@@ -23,7 +23,7 @@ from .constants import IGNORE_INDEX
 from .metadata import read_classes, shard_sizes_table
 from .samples import ImageLabelDecoder, ImageTextDecoder
 from .streaming import ShardStream, StreamLoader
-from .transforms import mean_std
+from .transforms import MAX_IMAGE_PIXELS, mean_std
 from .urls import expand_urls, pattern_count, pattern_dir
 from .writers import write_synthetic
 
@@ -89,6 +89,8 @@ class _StreamingDataModule(L.LightningDataModule):
             are used whole).
         fast_train_decode: training views use libjpeg's fast IDCT and chroma upsampling (13% faster, a few
             grey levels of difference); evaluation views always use the accurate decoder.
+        max_image_pixels: an image whose decode would exceed this many pixels (after JPEG DCT scaling) is
+            skipped as bad data, so that a decompression bomb cannot exhaust a worker's memory; null: no limit.
         normalization: mean/std preset: imagenet, clip, cifar10 or half.
         mean: per-channel mean overriding the preset.
         std: per-channel std overriding the preset.
@@ -115,6 +117,7 @@ class _StreamingDataModule(L.LightningDataModule):
         train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         eval_crop_pct: float = 0.875,
         fast_train_decode: bool = True,
+        max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS,
         normalization: str = "imagenet",
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
@@ -304,6 +307,7 @@ class ImageLabelDataModule(_StreamingDataModule):
         return ImageLabelDecoder(
             hp.image_size, crop_scale=self._crop_scale(), crop_ratio=tuple(hp.train_crop_ratio),
             eval_crop_pct=hp.eval_crop_pct, fast_train_decode=hp.fast_train_decode, num_classes=num_classes,
+            max_image_pixels=hp.max_image_pixels,
         )
 
     def prepare_data(self) -> None:
@@ -387,7 +391,7 @@ class ImageTextDataModule(_StreamingDataModule):
         return ImageTextDecoder(
             hp.image_size, crop_scale=self._crop_scale(), crop_ratio=tuple(hp.train_crop_ratio),
             eval_crop_pct=hp.eval_crop_pct, fast_train_decode=hp.fast_train_decode,
-            caption=hp.caption if train else hp.val_caption,
+            max_image_pixels=hp.max_image_pixels, caption=hp.caption if train else hp.val_caption,
             tokenizer=self.tokenizer,
         )
 

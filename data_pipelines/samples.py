@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .constants import IGNORE_INDEX
-from .transforms import IMAGE_KEYS, decode_eval, decode_train, image_bytes
+from .transforms import IMAGE_KEYS, MAX_IMAGE_PIXELS, decode_eval, decode_train, image_bytes
 
 CAPTION_CHOICES = ("random", "first", "cycle")
 
@@ -60,6 +60,7 @@ class ImageDecoder:
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         eval_crop_pct: float = 0.875,
         fast_train_decode: bool = True,
+        max_image_pixels: Optional[int] = MAX_IMAGE_PIXELS,
     ):
         if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}")
@@ -68,12 +69,14 @@ class ImageDecoder:
         self.image_size = image_size
         self.crop_scale, self.crop_ratio, self.eval_crop_pct = tuple(crop_scale), tuple(crop_ratio), eval_crop_pct
         self.fast_train_decode = fast_train_decode  # libjpeg's fast IDCT for training views (transforms.decode_crop)
+        self.max_image_pixels = max_image_pixels  # larger decodes are refused: a counted skip
 
     def image(self, sample: dict, rng: random.Random, train: bool) -> np.ndarray:
         data = image_bytes(sample)
         if train:
-            return decode_train(data, self.image_size, rng, self.crop_scale, self.crop_ratio, self.fast_train_decode)
-        return decode_eval(data, self.image_size, self.eval_crop_pct)
+            return decode_train(data, self.image_size, rng, self.crop_scale, self.crop_ratio, self.fast_train_decode,
+                                self.max_image_pixels)
+        return decode_eval(data, self.image_size, self.eval_crop_pct, self.max_image_pixels)
 
     def blank(self) -> np.ndarray:
         return np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)

@@ -40,6 +40,10 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# images whose decode would hold more pixels than this are refused (a counted skip): a small PNG file can
+# expand to gigabytes ("decompression bomb") well below Pillow's own limit of ~89 Mpx. JPEGs are judged by
+# their size after DCT scaling, which a small crop of a large photo keeps small.
+MAX_IMAGE_PIXELS = 32_000_000
 
 
 def mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -106,7 +110,40 @@ def _resize_box(image: np.ndarray, box: tuple[float, float, float, float], size:
     return out[0].permute(1, 2, 0).numpy()  # (size, size, 3) uint8
 
 
-def _decode_jpeg_turbo(data: bytes, size: int, box_fn, fast: bool):
+def _refuse_large(width: int, height: int, scale: float, max_pixels: Optional[int]) -> None:
+    decoded = math.ceil(width * scale) * math.ceil(height * scale)
+    if max_pixels is not None and decoded > max_pixels:
+        at = f" at DCT scale {scale:g}" if scale != 1 else ""
+        raise ValueError(
+            f"image is {width}x{height}: decoding it{at} means {decoded} pixels, more than "
+            f"max_image_pixels={max_pixels}"
+        )
+
+
+def _dct_scale(width: int, height: int, min_width: int, min_height: int) -> float:
+    """The scale libjpeg-turbo decodes at for these minimum sizes: the smallest M/8 (M = 1..8) that keeps them."""
+    need = max(min_width / width, min_height / height)
+    return min(1.0, math.ceil(8 * need - 1e-9) / 8)
+
+
+def _rgb8(img: Image.Image) -> np.ndarray:
+    """uint8 (H, W, 3) of any Pillow image. 16- and 32-bit greyscale (PNG's I;16 opens as I;16 or I) is scaled
+    from 0..65535 to 0..255 (Pillow's convert('RGB') clips it at 255: mid-grey came out white); float images are
+    taken as 0..1 when they lie in it, else as 0..255."""
+    if img.mode == "RGB":
+        return np.array(img)
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img).astype(np.float64)  # (H, W)
+        if img.mode == "F":
+            peak = 1.0 if values.max(initial=0) <= 1.0 else 255.0
+        else:
+            peak = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.array(img.convert("RGB"))  # palette, CMYK, RGBA, LA, L, 1
+
+
+def _decode_jpeg_turbo(data: bytes, size: int, box_fn, fast: bool, max_pixels: Optional[int]):
     """libjpeg-turbo through simplejpeg: straight to an RGB array, at the smallest DCT scale (1, 1/2, 1/4, 1/8)
     at which the crop keeps `size` pixels per side; `fast` takes libjpeg's fast integer IDCT and plain chroma
     upsampling. None where simplejpeg is missing or the JPEG is one it does not convert faithfully (CMYK/YCCK:
@@ -121,11 +158,13 @@ def _decode_jpeg_turbo(data: bytes, size: int, box_fn, fast: bool):
         return None
     box = box_fn(width, height)
     if box is None:
+        _refuse_large(width, height, 1.0, max_pixels)
         return _exact_size(simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fast, fastupsample=fast), size), None
     cw, ch = box[2] - box[0], box[3] - box[1]
+    min_w, min_h = math.ceil(width * size / cw), math.ceil(height * size / ch)
+    _refuse_large(width, height, _dct_scale(width, height, min_w, min_h), max_pixels)
     image = simplejpeg.decode_jpeg(
-        data, colorspace="RGB", fastdct=fast, fastupsample=fast,
-        min_width=math.ceil(width * size / cw), min_height=math.ceil(height * size / ch),
+        data, colorspace="RGB", fastdct=fast, fastupsample=fast, min_width=min_w, min_height=min_h,
     )  # (h, w, 3) uint8, h = ceil(height * scale)
     sx, sy = image.shape[1] / width, image.shape[0] / height
     return image, (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
@@ -137,7 +176,9 @@ def _exact_size(image: np.ndarray, size: int) -> np.ndarray:
     return image
 
 
-def decode_crop(data: bytes, size: int, box_fn, fast: bool = False) -> np.ndarray:
+def decode_crop(
+    data: bytes, size: int, box_fn, fast: bool = False, max_pixels: Optional[int] = MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Decode image bytes, crop `box_fn(width, height)` and resize it to (size, size) -> uint8 (size, size, 3).
 
     The JPEG decoder is asked for the smallest DCT scale (1, 1/2, 1/4, 1/8) at which the crop still has at
@@ -148,8 +189,10 @@ def decode_crop(data: bytes, size: int, box_fn, fast: bool = False) -> np.ndarra
     None means "no crop, the image must already be (size, size)". `fast=True` trades libjpeg's accurate IDCT
     and fancy chroma upsampling for the fast ones: 13% less decode time, differences of a few grey levels at
     colour edges, far below what training augmentation does to an image (Pillow's path ignores it).
+    An image whose decode would hold more than `max_pixels` pixels is refused with a ValueError (the stream
+    counts it as a skipped sample) before any pixel is decoded; None lifts the limit.
     """
-    decoded = _decode_jpeg_turbo(data, size, box_fn, fast)
+    decoded = _decode_jpeg_turbo(data, size, box_fn, fast, max_pixels)
     if decoded is not None:
         image, box = decoded
         return image if box is None else _resize_box(image, box, size)
@@ -161,7 +204,8 @@ def decode_crop(data: bytes, size: int, box_fn, fast: bool = False) -> np.ndarra
         img.draft(img.mode, (max(1, math.ceil(width * size / cw)), max(1, math.ceil(height * size / ch))))
         sx, sy = img.size[0] / width, img.size[1] / height
         box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    image = np.array(img if img.mode == "RGB" else img.convert("RGB"))  # palette, CMYK, RGBA, 16-bit, L
+    _refuse_large(*img.size, 1.0, max_pixels)  # after draft: the size the decoder will produce
+    image = _rgb8(img)
     if box is None:
         return _exact_size(image, size)
     return _resize_box(image, box, size)
@@ -174,20 +218,24 @@ def decode_train(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     fast: bool = True,
+    max_pixels: Optional[int] = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """Training view: random-resized crop to (size, size), uint8 (size, size, 3); by default with the fast
     JPEG decoder (see `decode_crop`), which evaluation views never use."""
-    return decode_crop(data, size, lambda w, h: random_resized_crop_box(w, h, rng, scale, ratio), fast=fast)
+    box_fn = lambda w, h: random_resized_crop_box(w, h, rng, scale, ratio)  # noqa: E731
+    return decode_crop(data, size, box_fn, fast=fast, max_pixels=max_pixels)
 
 
-def decode_eval(data: bytes, size: int, crop_pct: float = 0.875) -> np.ndarray:
+def decode_eval(
+    data: bytes, size: int, crop_pct: float = 0.875, max_pixels: Optional[int] = MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Evaluation view: resize the shorter side to size/crop_pct, center crop (size, size); images already
     at (size, size) are only decoded."""
 
     def box(w: int, h: int):
         return None if (w, h) == (size, size) else center_crop_box(w, h, crop_pct)
 
-    return decode_crop(data, size, box)
+    return decode_crop(data, size, box, max_pixels=max_pixels)
 
 
 def image_bytes(sample: dict) -> bytes:

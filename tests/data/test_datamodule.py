@@ -139,7 +139,7 @@ def test_too_few_shards_for_the_workers_fails_when_the_loader_is_made(shards):
 SHARED_ARGS = {
     "train_shards", "val_shards", "batch_size", "image_size", "num_workers", "shuffle_buffer", "seed",
     "train_samples", "val_samples", "max_error_rate", "resampled", "train_crop_scale", "train_crop_ratio",
-    "eval_crop_pct", "fast_train_decode", "normalization", "mean", "std", "pin_memory", "persistent_workers",
+    "eval_crop_pct", "fast_train_decode", "max_image_pixels", "normalization", "mean", "std", "pin_memory", "persistent_workers",
     "prefetch_factor", "allow_pipe",
 }
 OWN_ARGS = {

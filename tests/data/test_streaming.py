@@ -322,3 +322,19 @@ def test_a_skip_seen_again_by_the_refill_is_counted_once(tmp_path):
     (batch,) = list(ds)  # 150 good samples, then the refill's first good one
     assert len(batch[1]) == 151
     assert ds.stats.summary()["errors"] == 1
+
+
+def test_an_image_too_large_to_decode_is_a_counted_skip(tmp_path):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (2500, 2000), 3).save(buf, format="PNG")
+    samples = [_good(i) for i in range(10)]
+    samples[4] = {"__key__": "s0004", "png": buf.getvalue(), "cls": b"4"}
+    write_tar(tmp_path / "val-000000.tar", samples)
+    decoder = ImageLabelDecoder(8, max_image_pixels=1_000_000)
+    ds = ShardStream(str(tmp_path / "val-000000.tar"), decoder, batch_size=4, train=False, max_error_rate=0.5)
+    assert sorted(torch.cat([y for _, y in ds]).tolist()) == [i for i in range(10) if i != 4]
+    assert ds.stats.summary()["errors"] == 1

@@ -144,3 +144,36 @@ def test_random_hflip_flips_each_sample_independently():
     kept = [torch.equal(out[i], x[i]) for i in range(16)]
     assert all(f or k for f, k in zip(flipped, kept)) and 0 < sum(flipped) < 16
     assert torch.equal(random_hflip(x, p=0.0), x) and torch.equal(random_hflip(x, p=1.0), x.flip(-1))
+
+
+# ---------------------------------------------------------------------------------------------- hostile images
+
+
+def test_16_bit_greyscale_png_is_scaled_not_clipped():
+    """Issue 14, finding 8: convert('RGB') clips I;16 data at 255, so a mid-grey 16-bit PNG decoded as white."""
+    grey = np.full((16, 16), 32896, dtype=np.uint16)  # 32896 / 65535 = 128 / 255
+    grey[:, :8] = 65535
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    out = decode_eval(buf.getvalue(), 16)
+    assert out.dtype == np.uint8 and out.shape == (16, 16, 3)
+    assert (out[:, 8:] == 128).all() and (out[:, :8] == 255).all()
+
+
+def test_images_too_large_to_decode_are_refused_but_large_jpegs_decode_small():
+    """Issue 14, finding 13: a PNG 'bomb' under Pillow's own limit cost gigabytes per sample. Images whose decode
+    would exceed max_pixels are refused (the stream counts it as a skip); a JPEG is judged by its size after DCT
+    scaling, which a small crop keeps small."""
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000), 7).save(buf, format="PNG")  # 9 Mpx that compress to a few kB
+    assert len(buf.getvalue()) < 100_000
+    with pytest.raises(ValueError, match=r"3000x3000.*max_image_pixels=4000000"):
+        decode_eval(buf.getvalue(), 8, max_pixels=4_000_000)
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        decode_train(buf.getvalue(), 8, random.Random(0), max_pixels=4_000_000)
+    big_jpeg = _encode(_gradient(3000, 3000))
+    assert decode_train(big_jpeg, 8, random.Random(0), scale=(0.5, 1.0), max_pixels=4_000_000).shape == (8, 8, 3)
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        decode_train(big_jpeg, 2000, random.Random(0), max_pixels=4_000_000)  # a full decode is needed: refused
+    assert decode_eval(buf.getvalue(), 8).shape == (8, 8, 3)  # under the default limit
