@@ -154,3 +154,17 @@ def test_img2dataset_stats_files_give_sizes(tmp_path):
         write_tar(tmp_path / f"{shard}.tar", [{"__key__": f"{shard}{i:04d}", "jpg": jpeg(i), "txt": b"a cat"} for i in range(n)])
         (tmp_path / f"{shard}_stats.json").write_text(json.dumps({"count": 4, "successes": n, "failed_to_download": 1}))
     assert shard_sizes(expand_urls(str(tmp_path / "{00000..00001}.tar"))) == [3, 2]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "7", True])
+def test_size_file_with_a_count_that_is_not_positive_is_refused(tmp_path, bad):
+    """Issue 14, finding 13: a shard listed with 0 or a negative count was given no samples by the planner and so
+    was silently never read."""
+    from .conftest import make_shards
+
+    pattern = make_shards(tmp_path, [4, 4])
+    (tmp_path / "sizes.json").write_text(json.dumps({"train-000000.tar": 4, "train-000001.tar": bad}))
+    with pytest.raises(ValueError, match=rf"sizes.json lists {bad!r} samples for train-000001.tar.*positive"):
+        shard_sizes(expand_urls(pattern))
+    with pytest.raises(ValueError, match="positive integers"):
+        write_sizes(tmp_path / "other", {"x.tar": bad})
