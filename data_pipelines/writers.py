@@ -23,7 +23,7 @@ import re
 import tarfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import webdataset as wds
 
@@ -114,6 +114,37 @@ def _safe_key(text: str) -> str:
     return _KEY_UNSAFE.sub("_", text)
 
 
+def _unique_key(text: str, used: set[str]) -> str:
+    """A sample key made of `text` (letters, digits, '_', '-'), not yet in `used` (then added to it): two
+    different images must never share a key, or the reader merges them into one broken sample."""
+    key = _safe_key(text)
+    while key in used:  # e.g. cat/001.jpg and cat/001.png
+        key += "_"
+    used.add(key)
+    return key
+
+
+def _junk(parts: Sequence[str]) -> bool:
+    """macOS litter that looks like images: AppleDouble `._name.jpg` files and `__MACOSX/` folders."""
+    return any(p.startswith("._") or p == "__MACOSX" for p in parts)
+
+
+def _files_in_tree(root: Path) -> Iterator[Path]:
+    """The image files under `root`, sorted, without macOS litter and without symlinks that point outside
+    the tree (a link to /etc/... or to another corpus is no part of this one)."""
+    top = root.resolve()
+    outside = 0
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or _junk(path.relative_to(root).parts) or not path.is_file():
+            continue
+        if path.is_symlink() and not path.resolve().is_relative_to(top):
+            outside += 1
+            continue
+        yield path
+    if outside:
+        log.warning("skipped %d symlink(s) under %s that point outside it", outside, root)
+
+
 def pattern_for(out_dir: str | os.PathLike, split: str, num_shards: int) -> str:
     """Brace pattern that lists the shards of one split, e.g. OUT/train-{000000..000019}.tar."""
     if num_shards == 1:
@@ -165,9 +196,7 @@ def write_synthetic(
 def _folder_entries(src: Path) -> list[tuple[str, str, str, Path]]:
     """(split, class, file name, path) for src/<split>/<class>/<image> or src/<class>/<image> (split 'train')."""
     entries = []
-    for path in sorted(src.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
+    for path in _files_in_tree(src):
         parts = path.relative_to(src).parts
         if len(parts) == 3:
             entries.append((parts[0], parts[1], parts[2], path))
@@ -182,8 +211,10 @@ def _tarball_entries(src: Path) -> list[tuple[str, str, str, bytes]]:
     with tarfile.open(src, mode="r|*") as tar:
         for member in tar:
             if not member.isreg() or Path(member.name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
+                continue  # links are not regular members: a tarball's symlinks are never followed
             parts = [p for p in member.name.split("/") if p not in ("", ".")]
+            if _junk(parts):
+                continue
             if len(parts) >= 3:
                 split, cls, name = parts[-3], parts[-2], parts[-1]
             elif len(parts) == 2:
@@ -209,7 +240,8 @@ def write_image_folder(
     'train'. Labels are indices into the sorted class names, the same for every split. Samples of a split
     are shuffled with `seed` before sharding so every shard mixes classes. `limit` keeps only the first
     `limit` samples of each split after the shuffle (a class-mixed subset). `rename_splits` maps folder
-    names to split names, e.g. {"test": "val"}. Returns {split: brace pattern of its shards}.
+    names to split names, e.g. {"test": "val"}. macOS litter (`._*` files, `__MACOSX/`) and symlinks that
+    point outside the tree are skipped. Returns {split: brace pattern of its shards}.
     """
     src_path, out = Path(src), Path(out_dir)
     if not src_path.exists():
@@ -243,12 +275,8 @@ def write_image_folder(
             for _, cls, name, payload in items:
                 stem, ext = os.path.splitext(name)
                 data = payload.read_bytes() if isinstance(payload, Path) else payload
-                key = _safe_key(f"{cls}_{stem}")
-                while key in used:  # e.g. cat/001.jpg and cat/001.png: keys must be unique in a shard set
-                    key += "_"
-                used.add(key)
                 yield {
-                    "__key__": key,
+                    "__key__": _unique_key(f"{cls}_{stem}", used),
                     IMAGE_EXTENSIONS[ext.lower()]: data,
                     "cls": _cls_bytes(index[cls]),
                 }
@@ -292,24 +320,33 @@ def _read_caption_table(
     return pairs
 
 
+_AMBIGUOUS = object()  # a bare file name that several images of the source share
+
+
 def _image_source(images: Path) -> dict[str, object]:
-    """{file name (and relative path): Path or bytes} for a directory or a tar of images."""
+    """{relative path, and bare file name where it is unique: Path or bytes} for a directory or a tar of
+    images, without macOS litter or links out of the tree (see `_files_in_tree`)."""
     table: dict[str, object] = {}
+    by_name: dict[str, object] = {}
+
+    def add(name: str, payload: object) -> None:
+        table[name] = payload
+        base = os.path.basename(name)
+        by_name[base] = _AMBIGUOUS if base in by_name else payload
+
     if images.is_dir():
-        for p in images.rglob("*"):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-                table.setdefault(p.name, p)
-                table[str(p.relative_to(images))] = p
+        for p in _files_in_tree(images):
+            add(str(p.relative_to(images)), p)
     elif tarfile.is_tarfile(images):
         with tarfile.open(images, mode="r|*") as tar:
             for m in tar:
-                if m.isreg() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS:
-                    data = tar.extractfile(m).read()
-                    name = m.name.lstrip("./")
-                    table.setdefault(os.path.basename(name), data)
-                    table[name] = data
+                parts = [p for p in m.name.split("/") if p not in ("", ".")]
+                if m.isreg() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS and not _junk(parts):
+                    add("/".join(parts), tar.extractfile(m).read())
     else:
         raise ValueError(f"{images} is neither a directory nor a tar archive of images")
+    for base, payload in by_name.items():
+        table.setdefault(base, payload)  # a full relative path wins over a bare name
     return table
 
 
@@ -331,7 +368,9 @@ def write_caption_corpus(
     looks exactly like what img2dataset writes) and `json` holds {"image": name, "captions": [...]}; the
     reader picks one caption per epoch. Images are split into train/val by a seeded shuffle
     (`val_fraction` of the images go to val). `images` is a directory or a tar of image files. Rows whose
-    image is missing are reported and skipped. Returns {split: brace pattern of its shards}.
+    image is missing are reported and skipped. A sample's key is the image's name as the table gives it,
+    without its extension (`b/1.png` -> `b_1`), made unique, so images sharing a file name stay apart; a bare
+    name that matches several files of `images` is reported and skipped. Returns {split: brace pattern}.
     """
     cap_path, img_path, out = Path(captions), Path(images), Path(out_dir)
     for p in (cap_path, img_path):
@@ -344,12 +383,19 @@ def write_caption_corpus(
         if caption:
             grouped[name].append(caption.replace("\n", " "))
     source = _image_source(img_path)
-    missing = [n for n in grouped if n not in source and os.path.basename(n) not in source]
+    found = {n: source.get(n, source.get(os.path.basename(n))) for n in grouped}
+    missing = [n for n, payload in found.items() if payload is None]
+    ambiguous = [n for n, payload in found.items() if payload is _AMBIGUOUS]
     if missing:
         log.warning("%d images named in %s are not in %s (first: %s); skipping them", len(missing), cap_path, img_path, missing[0])
-    names = sorted(n for n in grouped if n not in set(missing))
+    if ambiguous:
+        log.warning("%d image names in %s match several files of %s (first: %s); name them by their path in it; "
+                    "skipping them", len(ambiguous), cap_path, img_path, ambiguous[0])
+    names = sorted(n for n, payload in found.items() if payload is not None and payload is not _AMBIGUOUS)
     if not names:
         raise ValueError(f"none of the images named in {cap_path} were found in {img_path}")
+    used: set[str] = set()  # keys from the name's path without its extension, unique over both splits
+    keys = {n: _unique_key(os.path.splitext(n.lstrip("./"))[0], used) for n in names}
     random.Random(f"vitx-captions:{seed}").shuffle(names)
     if limit is not None:
         names = names[:limit]
@@ -364,12 +410,12 @@ def write_caption_corpus(
 
         def samples(members=members) -> Iterator[dict]:
             for name in members:
-                payload = source.get(name, source.get(os.path.basename(name)))
+                payload = found[name]
                 data = payload.read_bytes() if isinstance(payload, Path) else payload
-                stem, ext = os.path.splitext(os.path.basename(name))
+                ext = os.path.splitext(name)[1]
                 caps = grouped[name]
                 yield {
-                    "__key__": _safe_key(stem),
+                    "__key__": keys[name],
                     IMAGE_EXTENSIONS.get(ext.lower(), "jpg"): data,
                     "txt": "\n".join(caps).encode("utf-8"),
                     "json": json.dumps({"image": name, "captions": caps}).encode("utf-8"),

@@ -168,3 +168,41 @@ def test_size_file_with_a_count_that_is_not_positive_is_refused(tmp_path, bad):
         shard_sizes(expand_urls(pattern))
     with pytest.raises(ValueError, match="positive integers"):
         write_sizes(tmp_path / "other", {"x.tar": bad})
+
+
+def test_caption_corpus_keeps_images_with_the_same_basename_apart(tmp_path):
+    """Issue 14, finding 9: a/1.jpg, b/1.jpg and b/1.png all became key '1', merged into one sample with
+    duplicate members, and all three were lost."""
+    images = tmp_path / "images"
+    for sub in ("a", "b"):
+        (images / sub).mkdir(parents=True)
+    files = {"a/1.jpg": jpeg(1), "b/1.jpg": jpeg(2), "b/1.png": jpeg(3), "a_1.jpg": jpeg(4)}
+    for name, data in files.items():
+        (images / name).write_bytes(data)
+    (tmp_path / "caps.tsv").write_text("".join(f"{name}\tphoto {name}\n" for name in files))
+    patterns = write_caption_corpus(tmp_path / "caps.tsv", images, tmp_path / "out", val_fraction=0.0)
+    samples = [s for url in expand_urls(patterns["train"]) for _, s, problem in iter_shard(url) if problem is None]
+    assert len(samples) == 4 and len({s["__key__"] for s in samples}) == 4
+    by_name = {json.loads(s["json"])["image"]: s for s in samples}
+    for name, data in files.items():
+        sample = by_name[name]
+        assert sample.get("jpg", sample.get("png")) == data and sample["txt"].decode() == f"photo {name}"
+
+
+def test_image_folder_skips_apple_double_files_and_links_out_of_the_tree(tmp_path):
+    """Issue 14, finding 9: macOS `._*.jpg` resource forks and symlinks pointing outside the tree were packed."""
+    _tree(tmp_path / "src", splits=("train",), classes=("cat",), per_class=2)
+    cat = tmp_path / "src" / "train" / "cat"
+    (cat / "._000.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "secret.jpg").write_bytes(jpeg(9))
+    (cat / "link.jpg").symlink_to(tmp_path / "secret.jpg")
+    (cat / "inside.jpg").symlink_to(cat / "000.jpg")  # a link within the tree is an ordinary file of it
+    (tmp_path / "src" / "__MACOSX" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "__MACOSX" / "cat" / "._001.jpg").write_bytes(b"junk")
+    patterns = write_image_folder(tmp_path / "src", tmp_path / "out")
+    keys = sorted(s["__key__"] for s in _read_all(patterns["train"]))
+    assert keys == ["cat_000", "cat_001", "cat_inside"]
+    with tarfile.open(tmp_path / "src.tar", "w") as tar:  # the same rules for a tarball
+        tar.add(tmp_path / "src", arcname="src")
+    patterns = write_image_folder(tmp_path / "src.tar", tmp_path / "out2")
+    assert sorted(s["__key__"] for s in _read_all(patterns["train"])) == ["cat_000", "cat_001"]
