@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from typing import Any, Callable, Optional
 
 import lightning as L
@@ -24,7 +25,7 @@ from .metadata import read_classes, shard_sizes_table
 from .samples import ImageLabelDecoder, ImageTextDecoder
 from .streaming import ShardStream, StreamLoader
 from .transforms import MAX_IMAGE_PIXELS, mean_std
-from .urls import expand_urls, pattern_count, pattern_dir
+from .urls import HOW_TO_MAKE_SHARDS, expand_urls, pattern_count
 from .writers import write_synthetic
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,26 @@ def _shard_size_for(pattern: Optional[str], num_samples: int) -> int:
     (`train-{000000..000009}.tar` -> 10 shards); 1000 for patterns whose count cannot be read off."""
     count = pattern_count(pattern) if pattern else None
     return 1000 if count is None else max(1, math.ceil(num_samples / max(1, count)))
+
+
+# the one place synthesize_if_missing writes to (relative to where vitx runs), as the shipped demo configs name it
+DEMO_DIR = "data/shapes"
+_DEMO_NAME = re.compile(r"(?P<split>[a-z]+)-(000000|\{000000\.\.(?P<last>\d{6})\})\.tar")
+
+
+def _check_demo_pattern(split: str, pattern: Optional[str]) -> None:
+    """synthesize_if_missing writes the synthetic demo corpus only at its own place, data/shapes/, as
+    `<split>-{000000..N}.tar`: anything else (a typo, a real corpus not made yet) is an error that names the
+    pattern, never a demo corpus written there and trained on."""
+    head, name = os.path.split(pattern or "")
+    match = _DEMO_NAME.fullmatch(name)
+    if os.path.abspath(head) == os.path.abspath(DEMO_DIR) and match and match["split"] == split:
+        return
+    raise FileNotFoundError(
+        f"no shards match {split}_shards={pattern!r}, and synthesize_if_missing writes the synthetic demo corpus "
+        f"only at its own place, {DEMO_DIR}/{split}-{{000000..N}}.tar: correct the pattern, make the shards "
+        f"first ({HOW_TO_MAKE_SHARDS}), or turn synthesize_if_missing off"
+    )
 
 
 _warned_patterns: set[str] = set()
@@ -273,7 +294,8 @@ class ImageLabelDataModule(_StreamingDataModule):
         val_shards: validation shards, same forms.
         num_classes: number of classes; read from classes.json beside the shards when not given.
         synthesize_if_missing: when the train shards match nothing, prepare_data() writes the synthetic
-            shapes corpus into the pattern's directory (demo runs without any download).
+            shapes corpus (demo runs without any download), only ever at its own place, data/shapes/: a
+            pattern naming anywhere else is an error, so a typo cannot train on a corpus made up on the spot.
         synth_train_samples: training images of the synthetic corpus (synthesize_if_missing).
         synth_val_samples: validation images of the synthetic corpus.
         synth_shard_size: samples per shard of the synthetic corpus; default: as many shards as the
@@ -319,22 +341,21 @@ class ImageLabelDataModule(_StreamingDataModule):
             return
         except FileNotFoundError:
             pass
-        out = pattern_dir(hp.train_shards)
-        log.warning("no shards match %r: writing the synthetic shapes corpus to %s", hp.train_shards, out)
-        patterns = write_synthetic(
-            out, num_train=hp.synth_train_samples, num_val=hp.synth_val_samples, image_size=hp.image_size,
+        for split, pattern in (("train", hp.train_shards), ("val", hp.val_shards)):
+            _check_demo_pattern(split, pattern)
+        log.warning(
+            "no shards match %r and synthesize_if_missing is on: writing the synthetic shapes demo corpus "
+            "(%d train / %d val images, %d px) to its own place, %s/", hp.train_shards, hp.synth_train_samples,
+            hp.synth_val_samples, hp.image_size, DEMO_DIR,
+        )
+        write_synthetic(
+            DEMO_DIR, num_train=hp.synth_train_samples, num_val=hp.synth_val_samples, image_size=hp.image_size,
             seed=hp.seed,
             shard_size=hp.synth_shard_size or _shard_size_for(hp.train_shards, hp.synth_train_samples),
             val_shard_size=hp.synth_shard_size or _shard_size_for(hp.val_shards, hp.synth_val_samples),
         )
         for split, pattern in (("train", hp.train_shards), ("val", hp.val_shards)):
-            try:
-                expand_urls(pattern)
-            except FileNotFoundError as exn:
-                raise FileNotFoundError(
-                    f"wrote the synthetic corpus, but {split}_shards={pattern!r} still matches nothing; "
-                    f"use {patterns.get(split)!r}"
-                ) from exn
+            expand_urls(pattern)  # the demo corpus is there now (synth_shard_size may name other shards)
 
     @property
     def num_classes(self) -> int:

@@ -84,14 +84,6 @@ def pattern_count(pattern: str) -> int | None:
     return sum(len(list(braceexpand.braceexpand(p))) for p in _pieces(pattern))
 
 
-def pattern_dir(pattern: str) -> str:
-    """The directory part of a local shard pattern (before any brace or glob)."""
-    head = _pieces(pattern)[0] if _pieces(pattern) else ""
-    for ch in "{*?[":
-        head = head.split(ch)[0]
-    return os.path.dirname(head) or "."
-
-
 def shard_name(url: str) -> str:
     """The file name of a shard URL or path: `s3://b/x/train-000001.tar` -> `train-000001.tar`."""
     return url.rstrip("/").rsplit("/", 1)[-1]

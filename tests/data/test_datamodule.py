@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -12,16 +14,17 @@ from data_pipelines.writers import write_caption_corpus
 from .conftest import jpeg
 
 
-def test_synthesize_if_missing_and_batches(tmp_path):
+def test_synthesize_if_missing_and_batches(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo corpus lives at data/shapes, relative to where vitx runs
     dm = ImageLabelDataModule(
-        train_shards=str(tmp_path / "shapes/train-{000000..000003}.tar"),
-        val_shards=str(tmp_path / "shapes/val-{000000..000001}.tar"),
+        train_shards="data/shapes/train-{000000..000003}.tar",
+        val_shards=str(tmp_path / "data/shapes/val-{000000..000001}.tar"),  # the same place, spelled absolute
         batch_size=16, image_size=16, num_workers=0, synthesize_if_missing=True,
         synth_train_samples=100, synth_val_samples=30,
     )
     dm.prepare_data()
     # the synthetic corpus is written with exactly as many shards as the patterns name
-    assert sorted(p.name for p in (tmp_path / "shapes").glob("*.tar")) == [
+    assert sorted(p.name for p in (tmp_path / "data/shapes").glob("*.tar")) == [
         "train-000000.tar", "train-000001.tar", "train-000002.tar", "train-000003.tar", "val-000000.tar", "val-000001.tar",
     ]
     dm.setup("fit")
@@ -36,6 +39,23 @@ def test_synthesize_if_missing_and_batches(tmp_path):
     assert sum(len(y) for _, y in val) == 30
     stats = dm.data_stats()
     assert stats["data/val_samples_read"] == 30 and stats["data/val_samples_skipped"] == 0
+
+
+@pytest.mark.parametrize("train", [
+    "data/shapse/train-{000000..000019}.tar",  # a typo in the directory
+    "data/shapes/trian-{000000..000019}.tar",  # a typo in the file name
+    "data/shapes/train-{000001..000019}.tar",  # not what the writer makes
+    "elsewhere/train-{000000..000019}.tar",  # someone's real corpus, not made yet
+])
+def test_synthesis_writes_only_the_demo_corpus_at_its_own_place(tmp_path, monkeypatch, train):
+    """Issue 14, finding 10: with synthesize_if_missing (on in the shipped demo configs) a typo in train_shards
+    wrote the synthetic corpus at the typo's path and trained on it, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    dm = ImageLabelDataModule(train_shards=train, val_shards="data/shapes/val-{000000..000001}.tar",
+                              synthesize_if_missing=True, synth_train_samples=40, synth_val_samples=10)
+    with pytest.raises(FileNotFoundError, match=r"(?s)" + re.escape(repr(train)) + r".*only .*data/shapes/train-"):
+        dm.prepare_data()
+    assert not list(tmp_path.rglob("*.tar")) and not (tmp_path / "data").exists()
 
 
 def test_missing_shards_fail_at_setup_with_the_pattern(tmp_path):
