@@ -67,13 +67,10 @@ def _vit_nodes(node: Any, path: str = "") -> list[tuple[str, Namespace]]:
     """(dotted path without init_args, namespace) of every ViT configuration under `node`."""
     found = []
     if isinstance(node, Namespace):
-        keys = set(node.keys())
-        if {"variant", "patch_size", "embed_dim", "image_size"} <= keys:
+        children = {key: node[key] for key in vars(node)}  # direct children only
+        if {"variant", "patch_size", "embed_dim", "image_size"} <= set(children):
             found.append((path, node))
-        for key in node.keys():
-            if "." in key:
-                continue
-            child = node.get(key)
+        for key, child in children.items():
             if isinstance(child, Namespace):
                 found += _vit_nodes(child, path if key == "init_args" else f"{path}.{key}".lstrip("."))
     return found

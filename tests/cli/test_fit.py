@@ -23,7 +23,6 @@ def tiny_args(shapes: Path, runs: Path, *extra: str) -> list[str]:
         "--data.batch_size", "32",
         "--data.num_workers", "0",
         "--model.vit.image_size", "16",
-        "--data.image_size", "16",
         "--model.vit.embed_dim", "32",
         "--model.vit.depth", "1",
         "--model.vit.num_heads", "2",
