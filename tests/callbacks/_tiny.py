@@ -50,10 +50,11 @@ class TinyClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
-def tiny_data(n: int = 32, batch_size: int = 8, seed: int = 0) -> DataLoader:
+def tiny_data(n: int = 32, batch_size: int = 8, seed: int = 0, workers: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)
-    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()), batch_size=batch_size)
+    data = TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+    return DataLoader(data, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0)
 
 
 class EmptyStream(IterableDataset):
@@ -64,12 +65,12 @@ class EmptyStream(IterableDataset):
 
 
 class TinyDataModule(pl.LightningDataModule):
-    def __init__(self, train_shards: str = "shards/train-{000000..000003}.tar", empty: bool = False):
+    def __init__(self, train_shards: str = "shards/train-{000000..000003}.tar", empty: bool = False, workers: int = 0):
         super().__init__()
-        self.train_shards, self.empty = train_shards, empty
+        self.train_shards, self.empty, self.workers = train_shards, empty, workers
 
     def train_dataloader(self):
-        return DataLoader(EmptyStream(), batch_size=8) if self.empty else tiny_data()
+        return DataLoader(EmptyStream(), batch_size=8) if self.empty else tiny_data(workers=self.workers)
 
     def val_dataloader(self):
         return tiny_data(16, seed=1)

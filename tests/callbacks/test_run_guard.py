@@ -119,3 +119,21 @@ def test_a_finished_run_resumed_is_not_an_error(tmp_path):
     trainer = run(tmp_path, TinyClassifier(), [RequireProgress()], max_epochs=1,
                   ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == 4
+
+
+def test_resuming_at_an_epoch_end_is_not_an_empty_epoch(tmp_path):
+    """Stopped by SIGTERM in the validation at an epoch's end (Lightning raises between validation batches), the
+    saved state re-enters that epoch with every training batch already done: not an empty epoch."""
+    from vit_experiments.callbacks.interruption import InterruptCheckpoint
+
+    class TermAtEpochEnd(pl.Callback):
+        def on_validation_batch_end(self, trainer, *args):
+            trainer._signal_connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=0)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, TinyClassifier(), [RequireProgress(), InterruptCheckpoint(), TermAtEpochEnd(), ckpt])
+    assert stop.value.code == 143
+    trainer = run(tmp_path, TinyClassifier(), [RequireProgress()], max_epochs=2,
+                  ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 8

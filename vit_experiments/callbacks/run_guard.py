@@ -65,7 +65,8 @@ class NonFiniteGuard(Callback):
 
     Any checkpoint save first checks that no unchecked non-finite value is pending and that every parameter and
     floating buffer is finite (reduced over processes), and raises instead of writing one that is not: a NaN
-    model is never saved as best or last.
+    model is never saved as best or last. (Lightning skips callbacks' save hooks for weights-only saves,
+    ModelCheckpoint(save_weights_only=True); with the default check_every_n_steps=1 no NaN reaches the weights.)
 
     Args:
         skip_nonfinite_steps: how many non-finite steps to skip over the whole run (kept in the checkpoint)
@@ -208,7 +209,11 @@ class RequireProgress(Callback):
         self._batches += 1
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        empty = torch.tensor([int(self._batches == 0)], device=pl_module.device)
+        # a run resumed at the end of an epoch re-enters that epoch with its batches already done: Lightning's
+        # restored progress counts them, this callback's counter does not
+        done = getattr(getattr(trainer.fit_loop.epoch_loop, "batch_progress", None), "current", None)
+        batches = max(self._batches, getattr(done, "completed", 0))
+        empty = torch.tensor([int(batches == 0)], device=pl_module.device)
         if _all_reduce_(empty, dist.ReduceOp.MAX).item():
             raise NoTrainingProgressError(self._message(trainer, f"epoch {trainer.current_epoch} had no training batch"))
 
