@@ -23,6 +23,7 @@ import torch
 from .constants import IGNORE_INDEX
 from .metadata import read_classes, shard_sizes_table
 from .samples import ImageLabelDecoder, ImageTextDecoder
+from .shards import BACKOFF, RETRIES
 from .streaming import ShardStream, StreamLoader
 from .transforms import MAX_IMAGE_PIXELS, mean_std
 from .urls import HOW_TO_MAKE_SHARDS, expand_urls, pattern_count
@@ -119,6 +120,10 @@ class _StreamingDataModule(L.LightningDataModule):
         persistent_workers: keep dataloader workers alive between epochs.
         prefetch_factor: batches each worker prepares ahead.
         allow_pipe: accept `pipe:` URLs (they run shell commands; off by default).
+        remote_retries: reopen attempts of a remote (http(s), s3, gs, ...) shard whose read fails; the shard is
+            read on from the sample where it broke, then counted as skipped. The first remote shard is
+            opened before training with the same retries.
+        remote_backoff: seconds before the first reopen, doubling with every further attempt.
     """
 
     def __init__(
@@ -146,6 +151,8 @@ class _StreamingDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: Optional[int] = 2,
         allow_pipe: bool = False,
+        remote_retries: int = RETRIES,
+        remote_backoff: float = BACKOFF,
         **own: Any,
     ) -> None:
         super().__init__()
@@ -189,6 +196,9 @@ class _StreamingDataModule(L.LightningDataModule):
                 max_error_rate=hp.max_error_rate,
                 rank=rank,
                 world_size=world,
+                allow_pipe=hp.allow_pipe,
+                retries=hp.remote_retries,
+                retry_backoff=hp.remote_backoff,
             )
         return self._streams[split]
 

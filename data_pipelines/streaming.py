@@ -32,7 +32,7 @@ from .constants import IGNORE_INDEX  # noqa: F401  (re-exported for callers not 
 from .distributed import rank_world
 from .metadata import shard_sizes
 from .planner import Piece, SlotPlan, epoch_rng, plan_slot, train_batches_per_rank, val_batches_per_rank
-from .shards import ShardReadError, iter_shard
+from .shards import BACKOFF, ShardReadError, check_remote, iter_shard
 from .urls import expand_urls
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ class ShardStream(IterableDataset):
         rank, world_size: this process's place; default torch.distributed's, else (0, 1).
         allow_pipe: accept pipe: URLs (shell commands).
         sizes: samples per shard, overriding the size file.
+        retries: reopen attempts of a remote shard whose read fails (default `shards.RETRIES`); the first
+            remote shard is opened here, with the same retries, so a wrong URL fails before training.
+        retry_backoff: seconds before the first reopen, doubling with every further attempt.
     """
 
     def __init__(
@@ -118,6 +121,8 @@ class ShardStream(IterableDataset):
         world_size: Optional[int] = None,
         allow_pipe: bool = False,
         sizes: Optional[Sequence[int]] = None,
+        retries: Optional[int] = None,
+        retry_backoff: float = BACKOFF,
     ):
         super().__init__()
         if batch_size < 1:
@@ -125,6 +130,8 @@ class ShardStream(IterableDataset):
         if not 0.0 <= max_error_rate <= 1.0:
             raise ValueError(f"max_error_rate must be in [0, 1], got {max_error_rate}")
         self.urls = expand_urls(urls, allow_pipe=allow_pipe)
+        self.read_options: dict[str, Any] = {"retries": retries, "backoff": retry_backoff}
+        check_remote(self.urls, urls, retries, retry_backoff)
         self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls)
         if self.sizes is not None and len(self.sizes) != len(self.urls):
             raise ValueError(f"{len(self.sizes)} sizes for {len(self.urls)} shards")
@@ -146,7 +153,6 @@ class ShardStream(IterableDataset):
         self._progress: Optional[torch.Tensor] = None
         self._resume: Optional[torch.Tensor] = None
         self._progress_view = None
-        self.read_options: dict[str, Any] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

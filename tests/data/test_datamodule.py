@@ -160,7 +160,7 @@ SHARED_ARGS = {
     "train_shards", "val_shards", "batch_size", "image_size", "num_workers", "shuffle_buffer", "seed",
     "train_samples", "val_samples", "max_error_rate", "resampled", "train_crop_scale", "train_crop_ratio",
     "eval_crop_pct", "fast_train_decode", "max_image_pixels", "normalization", "mean", "std", "pin_memory", "persistent_workers",
-    "prefetch_factor", "allow_pipe",
+    "prefetch_factor", "allow_pipe", "remote_retries", "remote_backoff",
 }
 OWN_ARGS = {
     ImageLabelDataModule: {"num_classes", "synthesize_if_missing", "synth_train_samples", "synth_val_samples",
