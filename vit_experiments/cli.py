@@ -23,7 +23,7 @@ import sys
 import warnings
 from typing import Any, Optional
 
-from jsonargparse import Namespace, set_parsing_settings
+from jsonargparse import Namespace, set_docstring_parse_options, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 TRAINING_VERBS = ("fit", "validate", "test", "predict")
@@ -85,6 +85,8 @@ class VitxCLI(LightningCLI):
         # interpolations in files are written from the root (`${model.init_args...}`); jsonargparse resolves them
         # per subcommand, so they are made relative to where they stand
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        # the config dataclasses document each field in a docstring below it: that is the flag's help text
+        set_docstring_parse_options(attribute_docstrings=True)
         super().__init__(
             model_class=None,  # any LightningModule, chosen by class_path in the config
             datamodule_class=None,

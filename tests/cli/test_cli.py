@@ -122,3 +122,10 @@ def test_a_checkpoint_url_cannot_run_code(http_dir, tiny_shapes):
               "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--model.vit.image_size", "16",
               "--model.vit.num_classes", "10"])
     assert not marker.exists(), "loading the checkpoint ran its payload"
+
+
+def test_config_fields_have_help_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "vit_experiments.tasks.classification.ImageClassifier", "--model.vit.help"])
+    out = capsys.readouterr().out
+    assert "square input side in pixels" in out and "stochastic depth" in out

@@ -31,17 +31,17 @@ def _clip_vision() -> ViTConfig:
 class CLIPConfig:
     """The two towers and the space they share. Defaults: the paper's ViT-B/16 model."""
 
-    # width of the shared embedding space both projections map into (512 for ViT-B/16)
     embed_dim: int = 512
-    # the image tower; CLIP's has pre_norm=True and patch_bias=False. It has no classification head: the
-    # projection replaces it, so num_classes is set to 0 whatever the config says
+    """width of the shared embedding space both projections map into (512 for ViT-B/16)"""
     vision: ViTConfig = field(default_factory=_clip_vision)
-    # the text tower (12 x 512, 8 heads in the paper)
+    """the image tower; CLIP's has pre_norm=True and patch_bias=False. It has no classification head: the projection
+    replaces it, so num_classes is set to 0 whatever the config says"""
     text: TextConfig = field(default_factory=TextConfig)
-    # the temperature's starting value in log space: logits = exp(t) * cosine; 1/0.07 from Wu et al. 2018
+    """the text tower (12 x 512, 8 heads in the paper)"""
     init_logit_scale: float = math.log(1 / 0.07)
-    # the ceiling of t, enforced after every optimizer step: a scale above 100 destabilises training
+    """the temperature's starting value in log space: logits = exp(t) * cosine; 1/0.07 from Wu et al. 2018"""
     max_logit_scale: float = math.log(100.0)
+    """the ceiling of t, enforced after every optimizer step: a scale above 100 destabilises training"""
 
     def __post_init__(self):
         if self.embed_dim <= 0:

@@ -39,22 +39,22 @@ STEMS = ("imagenet", "cifar")
 class ResNetConfig:
     """Everything needed to build a ResNet. The fields are plain types so a task can save them in a checkpoint."""
 
-    # 18 | 34 (basic blocks), 50 | 101 | 152 (bottleneck blocks)
     depth: int = 18
-    # size of the label set; 0 gives no classifier (pooled features only). None: `vitx fit` takes it from the
-    # data (classes.json); a network built with None has ImageNet's 1000 outputs
+    """18 | 34 (basic blocks), 50 | 101 | 152 (bottleneck blocks)"""
     num_classes: Optional[int] = None
-    # the resolution the network is trained and evaluated at; the network accepts any size, but a teacher is
-    # fed at this one (DeiT: "the teacher sees the image at its own resolution")
+    """size of the label set; 0 gives no classifier (pooled features only). None: `vitx fit` takes it from the data
+    (classes.json); a network built with None has ImageNet's 1000 outputs"""
     image_size: int = 224
-    # "imagenet": 7x7/2 convolution + 3x3/2 max-pool (224-px images); "cifar": 3x3/1 convolution, no pool (32 px)
+    """the resolution the network is trained and evaluated at; the network accepts any size, but a teacher is fed at
+    this one (DeiT: "the teacher sees the image at its own resolution")"""
     stem: str = "imagenet"
-    # channels of the first stage (64 in the paper); stages double it. Smaller values give a CPU-sized teacher
-    # with the same parameter names
+    """"imagenet": 7x7/2 convolution + 3x3/2 max-pool (224-px images); "cifar": 3x3/1 convolution, no pool (32 px)"""
     base_width: int = 64
+    """channels of the first stage (64 in the paper); stages double it. Smaller values give a CPU-sized teacher with
+    the same parameter names"""
     in_chans: int = 3
-    # start every residual branch at zero (its last BatchNorm's scale), so the network starts as a shallow one
     zero_init_residual: bool = True
+    """start every residual branch at zero (its last BatchNorm's scale), so the network starts as a shallow one"""
 
     def __post_init__(self):
         if self.depth not in DEPTHS:

@@ -23,22 +23,22 @@ from vit_experiments.models.layers import Block
 class TextConfig:
     """The text transformer. Defaults are the paper's base text tower."""
 
-    # number of token ids the embedding holds; at least the tokenizer's vocabulary (CLIP's BPE has 49408)
     vocab_size: int = 49408
-    # longest token sequence (start + caption + end); sets the length of the position embedding
+    """number of token ids the embedding holds; at least the tokenizer's vocabulary (CLIP's BPE has 49408)"""
     context_length: int = 77
-    # transformer width, depth and heads (paper: 512, 12, 8; its largest models widen only this tower's width)
+    """longest token sequence (start + caption + end); sets the length of the position embedding"""
     width: int = 512
+    """transformer width, depth and heads (paper: 512, 12, 8; its largest models widen only this tower's width)"""
     depth: int = 12
     num_heads: int = 8
-    # MLP hidden width; None = 4 * width as in GPT-2
     mlp_dim: Optional[int] = None
-    # the token whose output is the caption's feature; data_pipelines.tokenizer puts it last, before padding
+    """MLP hidden width; None = 4 * width as in GPT-2"""
     eot_token_id: int = 2
-    # CLIP's LayerNorm epsilon (PyTorch's default)
+    """the token whose output is the caption's feature; data_pipelines.tokenizer puts it last, before padding"""
     norm_eps: float = 1e-5
-    # dropout in the blocks; CLIP trains without
+    """CLIP's LayerNorm epsilon (PyTorch's default)"""
     drop_rate: float = 0.0
+    """dropout in the blocks; CLIP trains without"""
 
     def __post_init__(self):
         if self.mlp_dim is None:

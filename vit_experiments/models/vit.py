@@ -52,45 +52,50 @@ def parse_variant(variant: str) -> Tuple[str, int]:
 class ViTConfig:
     """Everything needed to build a VisionTransformer. After __post_init__ the dims are all resolved ints."""
 
-    # "Ti|S|B|L|H/<patch>": the paper's sizes; None builds a fully custom model from the fields below
     variant: Optional[str] = "Ti/16"
-    # square input side in pixels; fixes the patch grid and so the length of pos_embed
+    """"Ti|S|B|L|H/<patch>": the paper's sizes; None builds a fully custom model from the fields below"""
     image_size: int = 224
-    # the fields below override the variant's value when set (required when variant is None)
+    """square input side in pixels; fixes the patch grid and so the length of pos_embed"""
     patch_size: Optional[int] = None
+    """side of a square patch in pixels; this and the next four override the variant's value when set (all
+    required when variant is None)"""
     embed_dim: Optional[int] = None
+    """token width D"""
     depth: Optional[int] = None
+    """number of transformer blocks"""
     num_heads: Optional[int] = None
-    mlp_dim: Optional[int] = None  # defaults to 4 * embed_dim, the paper's ratio, for a custom model
-    # 3 for RGB; 1 for grayscale corpora
+    """attention heads per block; D must be divisible by it"""
+    mlp_dim: Optional[int] = None
+    """defaults to 4 * embed_dim, the paper's ratio, for a custom model"""
     in_chans: int = 3
-    # size of the label set; 0 gives no head (features only, e.g. CLIP's image tower). None: `vitx fit` takes it
-    # from the data (classes.json beside the shards); a model built with None has ImageNet's 1000 outputs
+    """3 for RGB; 1 for grayscale corpora"""
     num_classes: Optional[int] = None
-    # "token": classify from the class token (ViT); "avg": mean of the patch tokens (ViT paper's GAP variant)
+    """size of the label set; 0 gives no head (features only, e.g. CLIP's image tower). None: `vitx fit` takes it
+    from the data (classes.json beside the shards); a model built with None has ImageNet's 1000 outputs"""
     pool: str = "token"
-    # a learned class token in front of the patches; "avg" pooling can do without it
+    """"token": classify from the class token (ViT); "avg": mean of the patch tokens (ViT paper's GAP variant)"""
     class_token: bool = True
-    # 1 adds DeiT's distillation token (after the class token) and a second head, head_dist
+    """a learned class token in front of the patches; "avg" pooling can do without it"""
     num_distill_tokens: int = 0
-    # bias on the q, k, v projections (ViT has it; some recipes drop it)
+    """1 adds DeiT's distillation token (after the class token) and a second head, head_dist"""
     qkv_bias: bool = True
-    # LayerNorm epsilon: 1e-6 as in the original JAX ViT (Hugging Face ports often use 1e-12)
+    """bias on the q, k, v projections (ViT has it; some recipes drop it)"""
     norm_eps: float = 1e-6
-    # "learn": learned 1-D embedding (ViT); "sincos": fixed 2-D sine-cosine embedding, not trained
+    """LayerNorm epsilon: 1e-6 as in the original JAX ViT (Hugging Face ports often use 1e-12)"""
     pos_embed_type: str = "learn"
-    # LayerNorm after adding the position embedding, before the blocks (CLIP's image tower has it)
+    """"learn": learned 1-D embedding (ViT); "sincos": fixed 2-D sine-cosine embedding, not trained"""
     pre_norm: bool = False
-    # bias on the patch projection (CLIP's image tower has none)
+    """LayerNorm after adding the position embedding, before the blocks (CLIP's image tower has it)"""
     patch_bias: bool = True
-    # dropout after the position embedding, in the blocks' MLP / projection, and before the head
+    """bias on the patch projection (CLIP's image tower has none)"""
     drop_rate: float = 0.0
-    # dropout on the attention probabilities
+    """dropout after the position embedding, in the blocks' MLP / projection, and before the head"""
     attn_drop_rate: float = 0.0
-    # stochastic depth rate of the last block; rises linearly from 0 at the first (DeiT uses 0.1)
+    """dropout on the attention probabilities"""
     drop_path_rate: float = 0.0
-    # zero-initialise the head (the ViT paper's fine-tuning recipe: start from uniform predictions)
+    """stochastic depth rate of the last block; rises linearly from 0 at the first (DeiT uses 0.1)"""
     head_init_zero: bool = False
+    """zero-initialise the head (the ViT paper's fine-tuning recipe: start from uniform predictions)"""
 
     def __post_init__(self):
         if self.variant is not None:

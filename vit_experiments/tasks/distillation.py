@@ -40,19 +40,19 @@ class DeiTAugment:
     """Batch augmentations of the DeiT recipe (Table 9); the defaults are the paper's. 0 turns a step off."""
 
     hflip: bool = True
-    # RandAugment rand-m9-mstd0.5: operations per image, magnitude (0..10) and its per-draw noise
     rand_augment_ops: int = 2
+    """RandAugment rand-m9-mstd0.5: operations per image, magnitude (0..10) and its per-draw noise"""
     rand_augment_magnitude: float = 9.0
     rand_augment_std: float = 0.5
-    # Mixup / CutMix: Beta parameters (0 = off), chance a batch is mixed, chance of CutMix when both are on
     mixup_alpha: float = 0.8
+    """Mixup / CutMix: Beta parameters (0 = off), chance a batch is mixed, chance of CutMix when both are on"""
     cutmix_alpha: float = 1.0
     mix_prob: float = 1.0
     switch_prob: float = 0.5
-    # random erasing probability per image (pixel noise)
     erase_prob: float = 0.25
-    # repeated augmentation: copies of each sample in a batch (1 = off)
+    """random erasing probability per image (pixel noise)"""
     repeats: int = 3
+    """repeated augmentation: copies of each sample in a batch (1 = off)"""
 
     def __post_init__(self):
         if self.repeats < 1:

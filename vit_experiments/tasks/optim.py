@@ -19,12 +19,18 @@ from torch import nn
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
-    weight_decay: float = 0.05  # AdamW decoupled decay, applied to matrices only (see param_groups)
+    lr: float = 1e-3
+    """peak learning rate, reached at the end of warm-up"""
+    weight_decay: float = 0.05
+    """AdamW decoupled decay, applied to matrices only (see param_groups)"""
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 500  # linear warm-up from ~0; a ViT without warm-up often diverges early
-    min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio rather than 0, so late steps still learn
-    layer_decay: float = 1.0  # layer-wise lr decay for fine-tuning: 1.0 = off; BEiT uses 0.65-0.75
+    """AdamW's moment decays; CLIP uses beta2 0.98 for stability at large batch"""
+    warmup_steps: int = 500
+    """linear warm-up from ~0; a ViT without warm-up often diverges early"""
+    min_lr_ratio: float = 0.01
+    """the cosine ends at lr * min_lr_ratio rather than 0, so late steps still learn"""
+    layer_decay: float = 1.0
+    """layer-wise lr decay for fine-tuning: 1.0 = off; BEiT uses 0.65-0.75"""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
