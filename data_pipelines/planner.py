@@ -16,6 +16,9 @@ torch.distributed; every process computes the same global plan from the same num
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -56,24 +59,36 @@ def epoch_rng(*key: int | str) -> random.Random:
     return random.Random(":".join(str(k) for k in key))
 
 
-def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    """The epoch's shard permutation, the same on every rank and worker."""
+@functools.lru_cache(maxsize=8)
+def _order(num_shards: int, seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(num_shards))
     epoch_rng("shards", seed, epoch).shuffle(order)
-    return order
+    return tuple(order)
+
+
+def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's shard permutation, the same on every rank and worker."""
+    return list(_order(num_shards, seed, epoch))
+
+
+@functools.lru_cache(maxsize=8)
+def _ends(order: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """Where each shard of `order` ends in the concatenation: computed once per epoch, not once per slot (a
+    process plans all its workers, and a simulation all ranks, from the same numbers)."""
+    return tuple(itertools.accumulate(sizes[s] for s in order))
 
 
 def _cut(order: Sequence[int], sizes: Sequence[int], offset: int, length: int) -> list[Piece]:
     """Pieces covering samples [offset, offset + length) of the concatenation of shards in `order`."""
-    pieces, pos, end = [], 0, offset + length
-    for shard in order:
-        n = sizes[shard]
-        lo, hi = max(offset, pos), min(end, pos + n)
+    order, sizes = tuple(order), tuple(sizes)
+    ends, pieces, end = _ends(order, sizes), [], offset + length
+    i = bisect.bisect_right(ends, offset)  # the first shard ending after `offset`
+    while i < len(order) and offset < end:
+        start = ends[i] - sizes[order[i]]
+        lo, hi = offset - start, min(end, ends[i]) - start
         if lo < hi:
-            pieces.append(Piece(shard, lo - pos, hi - pos))
-        pos += n
-        if pos >= end:
-            break
+            pieces.append(Piece(order[i], lo, hi))
+        offset, i = ends[i], i + 1
     return pieces
 
 
@@ -132,7 +147,7 @@ def plan_slot(
                 "without reading some shards twice per epoch: write more, smaller shards (--shard-size), use fewer "
                 "workers (num_workers), or a resampled stream (resampled=True)"
             )
-        order = shard_order(num_shards, seed, epoch)
+        order = _order(num_shards, seed, epoch)
         if E is None:
             if R > 1:
                 raise ValueError(
@@ -170,7 +185,7 @@ def plan_slot(
     extra = val_batches_per_rank(N, B, R) - b_rank if pad else 0
     pad_batches = extra if worker == (b_rank % W if b_rank % W else 0) else 0
     if sizes is not None:
-        pieces = _cut(list(range(num_shards)), sizes, rank_offset + w_offset, n_worker)
+        pieces = _cut(range(num_shards), sizes, rank_offset + w_offset, n_worker)
     else:  # only the epoch size is known: whole shards round robin, counts enforced by padding/truncation
         pieces = [Piece(s) for s in range(num_shards)[slot::slots]]
     return SlotPlan(pieces, quota[worker] + pad_batches, samples=n_worker, pad_batches=pad_batches, pad=pad)
