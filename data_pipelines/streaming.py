@@ -25,19 +25,22 @@ from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torch.utils.data.dataloader import _InfiniteConstantSampler
+from torch.utils.data.dataloader import (
+    _InfiniteConstantSampler,
+    _MultiProcessingDataLoaderIter,
+    _SingleProcessDataLoaderIter,
+)
 
 from .budget import ErrorBudget, ShardStats
 from .constants import IGNORE_INDEX  # noqa: F401  (re-exported for callers not yet importing data_pipelines.constants)
 from .distributed import rank_world
 from .metadata import shard_sizes
 from .planner import Piece, SlotPlan, epoch_rng, plan_slot, train_batches_per_rank, val_batches_per_rank
+from .position import StreamPosition
 from .shards import BACKOFF, ShardReadError, check_remote, iter_shard
 from .urls import expand_urls
 
 log = logging.getLogger(__name__)
-
-PROGRESS_RING = 64  # batches per worker whose stream position is kept for a state_dict (far more than prefetched)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,15 +152,8 @@ class ShardStream(IterableDataset):
         self.stats = ShardStats(self.urls)
         # the epoch lives in shared memory: persistent workers read it at the start of every pass
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        # position records and resume points per worker, in shared memory; made by StreamLoader (`attach`)
-        self._progress: Optional[torch.Tensor] = None
-        self._resume: Optional[torch.Tensor] = None
-        self._progress_view = None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_progress_view"] = None  # a numpy view is rebuilt over the receiving process's shared mapping
-        return state
+        # where each worker stands in the epoch (shared memory), made by the StreamLoader that reads the stream
+        self._position: Optional[StreamPosition] = None
 
     # -- epoch ------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -205,8 +201,9 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         resume = None
-        if self._resume is not None and worker < self._resume.shape[0] and int(self._resume[worker, 0]):
-            resume = tuple(int(v) for v in self._resume[worker, 1:])
+        if self._position is not None and self._position.num_workers == num_workers:
+            worker = self._position.slot(worker)  # rotated in a resumed epoch: the DataLoader starts at worker 0
+            resume = self._position.resume_for(worker)
         return self.iter_slot(self.epoch, self.rank, self.world_size, worker, num_workers, resume=resume)
 
     def _read_pieces(
@@ -331,13 +328,29 @@ class ShardStream(IterableDataset):
             yield self.decoder.collate(items)
 
     def _record(self, worker: int, made: int, drawn: int, budget: ErrorBudget, real: int) -> None:
-        """Note where this worker's stream stands after its batch number `made` (shared memory, for
-        `StreamLoader.state_dict`); a ring of the last PROGRESS_RING batches, enough for any prefetching."""
-        ring = self._progress
-        if ring is not None and worker < ring.shape[0]:
-            if self._progress_view is None:
-                self._progress_view = ring.numpy()
-            self._progress_view[worker, (made - 1) % PROGRESS_RING] = (made, drawn, budget.ok, budget.bad, real)
+        if self._position is not None:
+            self._position.record(worker, made, drawn, budget.ok, budget.bad, real)
+
+    # -- position ---------------------------------------------------------------------------------------
+    def state_dict(self, batches_done: Optional[int] = None) -> dict[str, Any]:
+        """Where this rank stands in the current epoch: a dict of ints to save (each rank its own) and give
+        to `load_state_dict` of a fresh stream, whose loader then yields exactly the remaining batches of the
+        epoch, in the same order, with the same augmentation. Needs the stream to be read by a StreamLoader.
+
+        `batches_done`: how many of the batches the loader handed out this epoch were used (default: all).
+        Lightning fetches one batch ahead of the training step, so a checkpoint there passes the step count.
+        (The methods are the stream's, not the loader's, on purpose: Lightning saves and restores a loader
+        that has them by itself, which is for the checkpoint code to decide.)"""
+        if self._position is None:
+            raise RuntimeError("the stream's position is kept only when it is read through a StreamLoader")
+        return self._position.state(self.epoch, self.rank, self.world_size, batches_done)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at `state` (from `state_dict`): the next pass of the loader reads the rest of its epoch."""
+        if self._position is None:
+            raise RuntimeError("load the state after making the StreamLoader that reads this stream")
+        self._position.load(state, self.rank, self.world_size)
+        self.set_epoch(state["epoch"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,6 +371,20 @@ class _EpochSampler(_InfiniteConstantSampler):
         loader = self._loader()
         if loader is not None:
             loader.set_epoch(epoch)
+
+
+class _NotingSingleProcessIter(_SingleProcessDataLoaderIter):
+    def _next_data(self):
+        data = super()._next_data()
+        self._dataset._position.note(0)
+        return data
+
+
+class _NotingMultiProcessingIter(_MultiProcessingDataLoaderIter):
+    def _process_data(self, data, worker_idx):
+        data = super()._process_data(data, worker_idx)  # re-raises a worker's exception
+        self._dataset._position.note(worker_idx)
+        return data
 
 
 class StreamLoader(DataLoader):
@@ -392,6 +419,14 @@ class StreamLoader(DataLoader):
         # and an iterable-style loader only ever draws `None` from it, so swap in a sampler that forwards.
         object.__setattr__(self, "sampler", _EpochSampler(self))
         self._next_epoch: Optional[int] = None
+        dataset._position = StreamPosition(num_workers)  # before any worker starts: shared memory
+
+    def _get_iterator(self):
+        # DataLoader's own choice of iterator, in subclasses that note which worker each batch came from
+        if self.num_workers == 0:
+            return _NotingSingleProcessIter(self)
+        self.check_worker_number_rationality()
+        return _NotingMultiProcessingIter(self)
 
     def set_epoch(self, epoch: int) -> None:
         self._next_epoch = int(epoch)
@@ -399,6 +434,7 @@ class StreamLoader(DataLoader):
     def __iter__(self):
         epoch = self._next_epoch if self._next_epoch is not None else self.dataset.epoch + (1 if getattr(self, "_started", False) else 0)
         self.dataset.set_epoch(epoch)
+        self.dataset._position.start_epoch(epoch)
         self._next_epoch = None
         self._started = True
         return super().__iter__()
