@@ -108,7 +108,7 @@ def main_data(argv: Optional[Sequence[str]] = None) -> int:
             )
             _print_patterns(patterns, time.time() - start)
         elif args.command == "from-csv":
-            from .writers import write_caption_corpus
+            from .writers_csv import write_caption_corpus
 
             patterns = write_caption_corpus(
                 args.captions, args.images, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,

@@ -12,53 +12,23 @@ that skip padding equal their single-process values.
 from __future__ import annotations
 
 import logging
-import math
-import os
-import re
 from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
 
 from .constants import IGNORE_INDEX
-from .metadata import read_classes, shard_sizes_table
+from .demo import write_demo_corpus
+from .metadata import read_classes, unlisted_shards
 from .samples import ImageLabelDecoder, ImageTextDecoder
 from .shards import BACKOFF, RETRIES
 from .streaming import ShardStream, StreamLoader
 from .transforms import MAX_IMAGE_PIXELS, mean_std
-from .urls import HOW_TO_MAKE_SHARDS, expand_urls, pattern_count
-from .writers import write_synthetic
+from .urls import expand_urls
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ImageLabelDataModule", "ImageTextDataModule", "DataStatsLogger", "IGNORE_INDEX"]
-
-
-def _shard_size_for(pattern: Optional[str], num_samples: int) -> int:
-    """Samples per shard so that a brace pattern's shard count is exactly what gets written
-    (`train-{000000..000009}.tar` -> 10 shards); 1000 for patterns whose count cannot be read off."""
-    count = pattern_count(pattern) if pattern else None
-    return 1000 if count is None else max(1, math.ceil(num_samples / max(1, count)))
-
-
-# the one place synthesize_if_missing writes to (relative to where vitx runs), as the shipped demo configs name it
-DEMO_DIR = "data/shapes"
-_DEMO_NAME = re.compile(r"(?P<split>[a-z]+)-(000000|\{000000\.\.(?P<last>\d{6})\})\.tar")
-
-
-def _check_demo_pattern(split: str, pattern: Optional[str]) -> None:
-    """synthesize_if_missing writes the synthetic demo corpus only at its own place, data/shapes/, as
-    `<split>-{000000..N}.tar`: anything else (a typo, a real corpus not made yet) is an error that names the
-    pattern, never a demo corpus written there and trained on."""
-    head, name = os.path.split(pattern or "")
-    match = _DEMO_NAME.fullmatch(name)
-    if os.path.abspath(head) == os.path.abspath(DEMO_DIR) and match and match["split"] == split:
-        return
-    raise FileNotFoundError(
-        f"no shards match {split}_shards={pattern!r}, and synthesize_if_missing writes the synthetic demo corpus "
-        f"only at its own place, {DEMO_DIR}/{split}-{{000000..N}}.tar: correct the pattern, make the shards "
-        f"first ({HOW_TO_MAKE_SHARDS}), or turn synthesize_if_missing off"
-    )
 
 
 _warned_patterns: set[str] = set()
@@ -66,24 +36,9 @@ _warned_patterns: set[str] = set()
 
 def _warn_if_pattern_names_a_subset(pattern: str, urls: list[str]) -> None:
     """A brace pattern written for 10 shards silently reads half of a 20-shard set; say so (once)."""
-    if pattern in _warned_patterns:
-        return
-    local = [u for u in urls if "://" not in u]
-    if not local or len(local) != len(urls):
-        return
-    directory, first = os.path.split(local[0])
-    prefix = first.rsplit("-", 1)[0] + "-"
-    listed = shard_sizes_table(directory)
-    if listed is None:
-        return
-    same_split = [k for k in listed if k.startswith(prefix)]
-    named = [u for u in local if os.path.dirname(u) == directory]
-    if len(same_split) > len(named):
+    if pattern not in _warned_patterns and (message := unlisted_shards(urls)):
         _warned_patterns.add(pattern)
-        log.warning(
-            "%r names %d of the %d '%s*' shards listed in %s/sizes.json; the rest are not read",
-            pattern, len(named), len(same_split), prefix, directory,
-        )
+        log.warning("%r %s", pattern, message)
 
 
 class _StreamingDataModule(L.LightningDataModule):
@@ -351,21 +306,10 @@ class ImageLabelDataModule(_StreamingDataModule):
             return
         except FileNotFoundError:
             pass
-        for split, pattern in (("train", hp.train_shards), ("val", hp.val_shards)):
-            _check_demo_pattern(split, pattern)
-        log.warning(
-            "no shards match %r and synthesize_if_missing is on: writing the synthetic shapes demo corpus "
-            "(%d train / %d val images, %d px) to its own place, %s/", hp.train_shards, hp.synth_train_samples,
-            hp.synth_val_samples, hp.image_size, DEMO_DIR,
+        write_demo_corpus(
+            hp.train_shards, hp.val_shards, num_train=hp.synth_train_samples, num_val=hp.synth_val_samples,
+            image_size=hp.image_size, seed=hp.seed, shard_size=hp.synth_shard_size,
         )
-        write_synthetic(
-            DEMO_DIR, num_train=hp.synth_train_samples, num_val=hp.synth_val_samples, image_size=hp.image_size,
-            seed=hp.seed,
-            shard_size=hp.synth_shard_size or _shard_size_for(hp.train_shards, hp.synth_train_samples),
-            val_shard_size=hp.synth_shard_size or _shard_size_for(hp.val_shards, hp.synth_val_samples),
-        )
-        for split, pattern in (("train", hp.train_shards), ("val", hp.val_shards)):
-            expand_urls(pattern)  # the demo corpus is there now (synth_shard_size may name other shards)
 
     @property
     def num_classes(self) -> int:

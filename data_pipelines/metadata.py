@@ -144,3 +144,22 @@ def read_classes(urls: Sequence[str]) -> Optional[list[str]]:
         return None
     names = _read_json_beside(dir_and_name(urls[0])[0], CLASSES_FILE)
     return list(names) if isinstance(names, list) else None
+
+
+def unlisted_shards(urls: Sequence[str]) -> Optional[str]:
+    """What a list of local shards leaves out of its split, by the sizes.json beside them ("names 10 of the 20
+    'train-*' shards listed in DIR/sizes.json; the rest are not read"), or None when it names them all."""
+    local = [u for u in urls if is_local(u)]
+    if not local or len(local) != len(urls):
+        return None
+    directory, first = os.path.split(local[0])
+    prefix = first.rsplit("-", 1)[0] + "-"
+    listed = shard_sizes_table(directory or ".")
+    if listed is None:
+        return None
+    same_split = [k for k in listed if k.startswith(prefix)]
+    named = [u for u in local if os.path.dirname(u) == directory]
+    if len(same_split) <= len(named):
+        return None
+    return (f"names {len(named)} of the {len(same_split)} '{prefix}*' shards listed in {directory}/{SIZES_FILE}; "
+            "the rest are not read")

@@ -9,7 +9,7 @@ import torch
 
 from data_pipelines.datamodules import ImageLabelDataModule, ImageTextDataModule
 from data_pipelines.synthetic import CLASS_NAMES
-from data_pipelines.writers import write_caption_corpus
+from data_pipelines.writers_csv import write_caption_corpus
 
 from .conftest import jpeg
 

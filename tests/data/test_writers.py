@@ -14,7 +14,8 @@ from data_pipelines.metadata import read_classes, read_sizes, shard_sizes, write
 from data_pipelines.shards import iter_shard
 from data_pipelines.synthetic import CLASS_NAMES
 from data_pipelines.urls import expand_urls
-from data_pipelines.writers import ShardSink, write_caption_corpus, write_image_folder, write_synthetic
+from data_pipelines.writers import ShardSink, write_image_folder, write_synthetic
+from data_pipelines.writers_csv import write_caption_corpus
 from tests.conftest import shared_data
 
 from .conftest import jpeg
