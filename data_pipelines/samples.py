@@ -14,7 +14,7 @@ items become a batch.
 from __future__ import annotations
 
 import random
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,22 @@ from .constants import IGNORE_INDEX
 from .transforms import IMAGE_KEYS, MAX_IMAGE_PIXELS, decode_eval, decode_train, image_bytes
 
 CAPTION_CHOICES = ("random", "first", "cycle")
+
+
+class SampleDecoder(Protocol):
+    """What a family of samples needs: which members it requires, how to decode one, how to batch."""
+
+    def check(self, sample: dict) -> Optional[str]:
+        """None if the sample has what decoding needs, else what is missing."""
+
+    def decode(self, sample: dict, rng: random.Random, epoch: int, train: bool) -> Any:
+        """Sample dict -> one item; may raise on corrupt data (counted and skipped)."""
+
+    def pad(self) -> Any:
+        """A padding item (validation under data parallelism)."""
+
+    def collate(self, items: list) -> Any:
+        """A list of items -> one batch."""
 
 
 def caption_lines(txt: bytes) -> list[str]:

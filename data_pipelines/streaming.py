@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import weakref
-from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -37,6 +37,7 @@ from .distributed import rank_world
 from .metadata import shard_sizes
 from .planner import Piece, SlotPlan, epoch_rng, plan_slot, train_batches_per_rank, val_batches_per_rank
 from .position import StreamPosition
+from .samples import SampleDecoder
 from .shards import BACKOFF, ShardReadError, check_remote, iter_shard
 from .urls import expand_urls
 
@@ -45,22 +46,6 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
 # the dataset
-
-
-class SampleDecoder(Protocol):
-    """What a family of samples needs: which members it requires, how to decode one, how to batch."""
-
-    def check(self, sample: dict) -> Optional[str]:
-        """None if the sample has what decoding needs, else what is missing."""
-
-    def decode(self, sample: dict, rng: random.Random, epoch: int, train: bool) -> Any:
-        """Sample dict -> one item; may raise on corrupt data (counted and skipped)."""
-
-    def pad(self) -> Any:
-        """A padding item (validation under data parallelism)."""
-
-    def collate(self, items: list) -> Any:
-        """A list of items -> one batch."""
 
 
 def _shuffled(src: Iterable, bufsize: int, rng: random.Random) -> Iterator:
