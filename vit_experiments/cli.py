@@ -18,7 +18,9 @@ Every checkpoint is loaded with `weights_only=True` unless `--weights_only false
 
 from __future__ import annotations
 
-import re
+import glob
+import os
+import shlex
 import sys
 import warnings
 from typing import Any, Optional
@@ -101,10 +103,67 @@ class VitxCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.get("weights_only") is None:
             config["weights_only"] = True  # Lightning's default for a remote --ckpt_path would unpickle anything
+        if config.get("ckpt_path") == "last":
+            self._resolve_last(config)
         model = config.get("model")
         if isinstance(model, Namespace):
             self._variant_from_command_line(model)
             self._num_classes_from_data(model, config.get("data"))
+
+    def _resolve_last(self, config: Namespace) -> None:
+        """`--ckpt_path last`: the newest checkpoint of any version of this experiment's run directory (a resumed,
+        pre-empted or requeued job logs into that version again), or a fresh start when there is none yet."""
+        logger = (config.get("trainer") or {}).get("logger")
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if not isinstance(init, Namespace) or init.get("save_dir") is None:
+            return  # no run directory to search: Lightning resolves "last" among its own callbacks' folders
+        root = os.path.join(str(init["save_dir"]), str(init.get("name") or "lightning_logs"))
+        found = [p for pattern in ("version_*/checkpoints/*.ckpt", "version_*/hpc_ckpt_*.ckpt")
+                 for p in glob.glob(os.path.join(root, pattern))]
+        if not found:
+            print(f"vitx: --ckpt_path last: no checkpoint under {root} yet; starting from scratch", file=sys.stderr)
+            config["ckpt_path"] = None
+            return
+        newest = max(found, key=os.path.getmtime)
+        config["ckpt_path"] = newest
+        version = os.path.relpath(newest, root).split(os.sep)[0]
+        if "version" in init and init.get("version") is None:
+            init["version"] = version  # keep logging into the run that is being resumed
+        print(f"vitx: --ckpt_path last: resuming from {newest}", file=sys.stderr)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        """Every run gets the run guards (vit_experiments.callbacks): atomic checkpoint writes, a non-finite loss
+        that stops the run on every rank, a fit that trained nothing failing, a checkpoint and a resume command on
+        SIGTERM, Ctrl-C and exceptions. A config that sets one of them itself keeps its own settings."""
+        from lightning.fabric.plugins import CheckpointIO
+
+        from vit_experiments.callbacks.checkpointing import AtomicCheckpointIO
+        from vit_experiments.callbacks.interruption import InterruptCheckpoint
+        from vit_experiments.callbacks.run_guard import NonFiniteGuard, RequireProgress
+
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        strategy = config.get("strategy")
+        own_io = getattr(strategy, "_checkpoint_io", None) is not None
+        if not own_io and not any(isinstance(p, CheckpointIO) for p in plugins):
+            trusted = self.config[self.subcommand].get("weights_only") is False
+            plugins.append(AtomicCheckpointIO(trusted=trusted))
+        config["plugins"] = plugins or None
+        given = list(config.get("callbacks") or []) + list(callbacks)
+        guards = [NonFiniteGuard(), RequireProgress(), InterruptCheckpoint(resume_command=self._resume_command())]
+        extra = [g for g in guards if not any(isinstance(c, type(g)) for c in given)]
+        return super()._instantiate_trainer(config, list(callbacks) + extra)
+
+    def _resume_command(self) -> str:
+        args, skip = [], False
+        for arg in self.argv:
+            if skip:
+                skip = False
+            elif arg == "--ckpt_path":
+                skip = True
+            elif not arg.startswith("--ckpt_path="):
+                args.append(arg)
+        return "vitx " + " ".join(shlex.quote(a) for a in args)
 
     def _variant_from_command_line(self, model: Namespace) -> None:
         flags = _flag_paths(self.argv)
