@@ -180,3 +180,20 @@ def test_missing_tokenizer_says_how_to_make_one(corpus, tmp_path):
                      "--trainer.max_steps", "1")
     with pytest.raises(FileNotFoundError, match="vitx data train-tokenizer"):
         main(["fit", *args])
+
+
+def test_retrieval_captions_split_at_newlines_only():
+    """A caption holding U+2028 (LINE SEPARATOR) or U+0085 is one caption in retrieval, as in training."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from vit_experiments.callbacks.contrastive_eval import AllCaptionsDecoder
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, format="JPEG")
+    txt = "a red\u2028square\nthe second\x85caption\n\n".encode("utf-8")
+    _, captions, valid = AllCaptionsDecoder(16).decode({"jpg": buf.getvalue(), "txt": txt}, random.Random(0), 0,
+                                                      False)
+    assert valid and captions == ["a red\u2028square", "the second\x85caption"]

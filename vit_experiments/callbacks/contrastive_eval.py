@@ -35,7 +35,9 @@ class AllCaptionsDecoder(ImageTextDecoder):
     """`jpg` + `txt` -> (image, every caption of the sample); retrieval scores all of them."""
 
     def decode(self, sample: dict, rng: random.Random, epoch: int, train: bool):
-        captions = [c.strip() for c in sample["txt"].decode("utf-8").splitlines() if c.strip()]
+        from data_pipelines.samples import caption_lines  # the training decoder's rule: split at newlines only
+
+        captions = caption_lines(sample["txt"])
         if not captions:
             raise ValueError("empty caption")
         return self.image(sample, rng, train), captions, True
