@@ -169,6 +169,16 @@ class Block(nn.Module):
         return (x, probs) if return_attention else x
 
 
+def block_param_layer(name: str, embedding_prefixes: tuple[str, ...], depth: int) -> int:
+    """Depth of a parameter of a stack of `blocks` for layer-wise learning-rate decay: 0 for the embeddings (names
+    starting with one of `embedding_prefixes`), i + 1 for blocks.i, depth + 1 for what sits on top."""
+    if name.startswith(embedding_prefixes):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
 class PatchEmbed(nn.Module):
     """Split an image into P x P patches and project each to D dims: a stride-P convolution, which equals a
     Linear on the flattened (C * P * P) patch."""

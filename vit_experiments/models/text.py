@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from vit_experiments.models.layers import Block
+from vit_experiments.models.layers import Block, block_param_layer
 
 
 @dataclass
@@ -107,11 +107,7 @@ class TextTransformer(nn.Module):
 
     def param_layer(self, name: str) -> int:
         """0 for the embeddings, i + 1 for blocks.i, num_layers() for the final norm and projection."""
-        if name.startswith(("token_embedding", "positional_embedding")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.num_layers()
+        return block_param_layer(name, ("token_embedding", "positional_embedding"), self.cfg.depth)
 
     def num_layers(self) -> int:
         return self.cfg.depth + 1

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from vit_experiments.models.layers import Block, PatchEmbed
+from vit_experiments.models.layers import Block, PatchEmbed, block_param_layer
 from vit_experiments.models.pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 
 # name -> (depth, embed_dim, mlp_dim, num_heads), from the ViT paper (Table 1) and DeiT (Ti, S)
@@ -253,11 +253,8 @@ class VisionTransformer(nn.Module):
     def param_layer(self, name: str) -> int:
         """Depth of a parameter for layer-wise learning-rate decay: 0 the embedding, i + 1 for blocks.i,
         num_layers() for the final norm and heads."""
-        if name.startswith(("patch_embed", "cls_token", "dist_token", "pos_embed", "norm_pre")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.num_layers()
+        return block_param_layer(name, ("patch_embed", "cls_token", "dist_token", "pos_embed", "norm_pre"),
+                                 self.cfg.depth)
 
     def num_layers(self) -> int:
         return self.cfg.depth + 1
