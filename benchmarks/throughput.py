@@ -24,228 +24,28 @@ vitx's speed relative to each reference. Writes throughput-<device>.json and .md
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils import flop_counter
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vit_experiments.losses import contrastive_loss  # noqa: E402
-from vit_experiments.models.clip import CLIP, CLIPConfig  # noqa: E402
-from vit_experiments.models.text import TextConfig  # noqa: E402
+from benchmarks.candidates import (  # noqa: E402
+    Candidate, classification_loss, clip_candidates, make_batches, vit_candidates, vit_config,
+)
+from benchmarks.measure import PeakMemory, device_name, measure_peak_tflops, synchronize  # noqa: E402
 from vit_experiments.models.vit import ViTConfig, VisionTransformer  # noqa: E402
-
-NUM_CLASSES = 1000
-CONTEXT = 77  # CLIP's caption length
-
-
-# -- FLOP counting: torch counts the GPU attention kernels but not the CPU one; same formula for it ---------------
-
-_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-if _CPU_SDPA not in flop_counter.flop_registry:
-
-    @flop_counter.register_flop_formula(_CPU_SDPA)
-    def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    @flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
-        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# -- the device -----------------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor() or "CPU") if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return f"{model}, {torch.get_num_threads()} threads"
-
-
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
-    """The best TFLOP/s of an n x n x n matmul in `dtype`: what this device reaches on the op that dominates a ViT.
-    On a CPU, per second of this process's CPU time (see `Trainer.timed`)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    inner = 10 if device.type == "cuda" else 2
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-    best = float("inf")
-    for i in range(reps + 1):
-        synchronize(device)
-        t0 = clock()
-        for _ in range(inner):
-            a @ b
-        synchronize(device)
-        if i:  # the first round warms up
-            best = min(best, (clock() - t0) / inner)
-    return 2 * n**3 / best / 1e12
-
-
-class PeakMemory:
-    """Peak memory of one model's training, MiB. CUDA: max allocated minus what was allocated before the model
-    was built (other models' weights and the shared batches excluded). CPU: growth of the process's peak resident
-    set (VmHWM, reset through /proc/self/clear_refs) over the resident set before building, after returning
-    freed memory to the OS; None where the kernel does not allow the reset."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.base = 0
-
-    @staticmethod
-    def _status_kib(key: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key))
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident set
-            self.base = self._status_kib("VmRSS:")
-        except (OSError, StopIteration):
-            self.base = None
-
-    def peak_mib(self) -> Optional[float]:
-        if self.device.type == "cuda":
-            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        if self.base is None:
-            return None
-        return (self._status_kib("VmHWM:") - self.base) / 1024
-
-
-# -- the models -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Candidate:
-    """One implementation of one model: its module, how a batch becomes a loss, and its measurements."""
-
-    impl: str
-    module: torch.nn.Module
-    loss: Callable[[torch.nn.Module, tuple], torch.Tensor]
-    flops_per_step: float = 0.0
-    peak_mib: Optional[float] = None
-    step_s: list = field(default_factory=list)  # wall-clock seconds per step, one entry per round
-    cpu_s: list = field(default_factory=list)  # this process's CPU seconds per step (all threads), per round
-    optimizer: Optional[torch.optim.Optimizer] = None
-
-
-def vit_config(size: str, image_size: int) -> ViTConfig:
-    return ViTConfig(variant=size, image_size=image_size, num_classes=NUM_CLASSES)
-
-
-def classification_loss(forward: Callable) -> Callable:
-    return lambda m, batch: F.cross_entropy(forward(m, batch[0]), batch[1])
-
-
-def vit_candidates(size: str, image_size: int, refs: list[str]) -> list[Callable[[], Candidate]]:
-    """Builders of the ViTs of one size: vitx first, then the references."""
-    cfg = vit_config(size, image_size)
-    out = [lambda: Candidate("vitx", VisionTransformer(cfg), classification_loss(lambda m, x: m(x)))]
-    if "transformers" in refs:
-        from transformers import ViTConfig as HFViTConfig
-        from transformers import ViTForImageClassification
-
-        hf = HFViTConfig(
-            hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.mlp_dim, image_size=image_size, patch_size=cfg.patch_size, num_labels=NUM_CLASSES,
-            hidden_act="gelu", layer_norm_eps=cfg.norm_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            attn_implementation="sdpa",
-        )
-        out.append(lambda: Candidate("transformers", ViTForImageClassification(hf),
-                                     classification_loss(lambda m, x: m(pixel_values=x).logits)))
-    if "timm" in refs:
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
-
-        timm_kwargs = dict(img_size=image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                           num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_dim / cfg.embed_dim, num_classes=NUM_CLASSES)
-        out.append(lambda: Candidate("timm", TimmViT(**timm_kwargs), classification_loss(lambda m, x: m(x))))
-    return out
-
-
-def clip_config(size: str, image_size: int) -> CLIPConfig:
-    vision = ViTConfig(variant=size, image_size=image_size, num_classes=0, pre_norm=True, patch_bias=False,
-                       norm_eps=1e-5)
-    return CLIPConfig(embed_dim=512, vision=vision, text=TextConfig(context_length=CONTEXT))
-
-
-def clip_candidates(size: str, image_size: int, refs: list[str]) -> list[Callable[[], Candidate]]:
-    cfg = clip_config(size, image_size)
-
-    def vitx_loss(m, batch):
-        return contrastive_loss(*m(batch[0], batch[1]), gather=False)
-
-    out = [lambda: Candidate("vitx", CLIP(cfg), vitx_loss)]
-    if "transformers" in refs:
-        from transformers import CLIPConfig as HFCLIPConfig
-        from transformers import CLIPModel
-
-        v, t = cfg.vision, cfg.text
-        hf = HFCLIPConfig(
-            vision_config=dict(hidden_size=v.embed_dim, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
-                               num_attention_heads=v.num_heads, image_size=image_size, patch_size=v.patch_size,
-                               hidden_act="gelu"),
-            text_config=dict(vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_dim,
-                             num_hidden_layers=t.depth, num_attention_heads=t.num_heads,
-                             max_position_embeddings=t.context_length, hidden_act="gelu",
-                             eos_token_id=t.eot_token_id),
-            projection_dim=cfg.embed_dim, attn_implementation="sdpa",
-        )
-
-        def hf_loss(m, batch):
-            o = m(pixel_values=batch[0], input_ids=batch[1])
-            return contrastive_loss(o.image_embeds, o.text_embeds, m.logit_scale, gather=False)
-
-        out.append(lambda: Candidate("transformers", CLIPModel(hf), hf_loss))
-    return out
-
-
-def make_batches(family: str, n: int, batch_size: int, image_size: int, device: torch.device) -> list[tuple]:
-    """`n` fixed batches on the device: normalised images (B, 3, S, S) and labels (B,), or token ids (B, 77)
-    ending in the end-of-text token for CLIP."""
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(n):
-        images = torch.randn(batch_size, 3, image_size, image_size, generator=g)
-        if family == "clip":
-            ids = torch.randint(3, 49408, (batch_size, CONTEXT), generator=g)
-            ids[:, 0], ids[:, -1] = 1, 2  # start and end of text
-            second = ids
-        else:
-            second = torch.randint(0, NUM_CLASSES, (batch_size,), generator=g)
-        batches.append((images.to(device), second.to(device)))
-    return batches
-
-
-# -- measuring ------------------------------------------------------------------------------------------------
 
 
 class Trainer:
