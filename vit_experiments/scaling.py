@@ -116,6 +116,7 @@ def fully_shard_units(root: nn.Module, mesh, mp_policy=None, reshard_after_forwa
     for unit in units:
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **kwargs)
     towers = [m for m in root.modules() if m is not root and scaling_units(m)]
+    _broadcast_batchnorm_statistics(root)
     for group in towers + [root]:
         # outside the units little is left (embeddings, norms, heads): kept gathered from forward to backward,
         # which the root needs first in backward anyway, and which lets a registered method (forward_features)
@@ -125,6 +126,21 @@ def fully_shard_units(root: nn.Module, mesh, mp_policy=None, reshard_after_forwa
             if callable(getattr(type(group), name, None)):
                 register_fsdp_forward_method(group, name)
     return root
+
+
+def _broadcast_batchnorm_statistics(root: nn.Module) -> None:
+    """FSDP2 shards parameters but leaves buffers alone, so each rank would keep BatchNorm running statistics of
+    its own batches (a ResNet teacher), and a checkpoint (written from rank 0) would not be the model the other
+    ranks evaluate. As DDP does (broadcast_buffers), every forward of the root starts from rank 0's statistics."""
+    stats = [b for m in root.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    if not stats:
+        return
+
+    def broadcast(module: nn.Module, args) -> None:
+        for buffer in stats:
+            torch.distributed.broadcast(buffer, src=0)
+
+    root.register_forward_pre_hook(broadcast)
 
 
 def _average_grad(param: torch.Tensor) -> None:
