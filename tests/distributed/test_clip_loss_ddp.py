@@ -4,6 +4,7 @@ so do the gradients of every parameter and the parameters after one optimizer st
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -63,4 +64,10 @@ def _worker(rank: int, init_file: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
     init_file = tmp_path / "rendezvous"
-    mp.spawn(_worker, args=(str(init_file),), nprocs=WORLD, join=True)
+    context = mp.spawn(_worker, args=(str(init_file),), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2 processes did not finish within 180 s (hanging at a collective?)")
