@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,13 @@ def tiny_shapes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
     write_synthetic(out, num_train=256, num_val=64, image_size=16, seed=0, shard_size=64)
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _scratch_working_directory(tmp_path_factory):
+    """Runs write relative paths (runs/, checkpoints/, analysis/, data/shapes) where they start: in a scratch
+    directory, never into the repository or wherever pytest was started."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)

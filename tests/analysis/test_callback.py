@@ -139,7 +139,7 @@ def test_two_processes_finish_and_only_rank_zero_analyses(tmp_path):
     code = "import sys; from tests.analysis._tiny import ddp_fit; ddp_fit(sys.argv[1])"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
     try:  # a hang (a collective on one rank only) shows up as a timeout instead of a stuck test run
-        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=repo, env=env, timeout=120,
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, env=env, timeout=120,
                               capture_output=True, text=True)
     except subprocess.TimeoutExpired:
         pytest.fail("2-process run with AttentionAnalysis did not finish within 120 s (a DDP hang?)")

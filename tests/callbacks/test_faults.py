@@ -29,8 +29,8 @@ def launch(root: Path, *args: str, env: dict | None = None, nproc: int = 1) -> s
         cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
                     "tests.callbacks._train"]
     log = open(root / "log.txt", "w")
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def _run(mode: str, out) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     try:  # a hang (ranks disagreeing on the batch count) shows up as a timeout, not a stuck test run
-        proc = subprocess.run([sys.executable, "-m", "tests.distributed._data_ddp", mode, str(out)], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", "tests.distributed._data_ddp", mode, str(out)], cwd=out,
                               env=env, timeout=120, capture_output=True, text=True)
     except subprocess.TimeoutExpired:
         pytest.fail(f"2-process {mode} run did not finish within 120 s (ranks hanging at a collective?)")

@@ -199,7 +199,7 @@ def runs(tmp_path_factory) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tests.distributed._scaling", str(tmp / "jobs.json")]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=300, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=tmp, env=env, timeout=300, capture_output=True, text=True)
     except subprocess.TimeoutExpired:
         pytest.fail("the 2-process runs did not finish within 300 s (processes hanging at a collective?)")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

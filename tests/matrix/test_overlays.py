@@ -153,7 +153,7 @@ class OverlayRuns:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "tests.matrix._worker", str(folder / "jobs.json")]
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=LAUNCH_TIMEOUT_S, capture_output=True, text=True)
+            proc = subprocess.run(cmd, cwd=folder, env=env, timeout=LAUNCH_TIMEOUT_S, capture_output=True, text=True)
             tail = (proc.stdout[-2000:] + proc.stderr[-4000:]) if proc.returncode else ""
         except subprocess.TimeoutExpired:
             tail = f"the 2-process launch did not finish within {LAUNCH_TIMEOUT_S} s (a hang at a collective?)"
