@@ -21,11 +21,13 @@ from __future__ import annotations
 import glob
 import os
 import shlex
+import stat
 import sys
 import warnings
 from typing import Any, Optional
 
 from jsonargparse import Namespace, set_docstring_parse_options, set_parsing_settings
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
 TRAINING_VERBS = ("fit", "validate", "test", "predict")
@@ -56,6 +58,42 @@ USAGE = """usage: vitx {fit,validate,test,predict,data,analyze} ...
 """
 
 
+# paths that mean something only in the process that opened them: `<(...)` in bash is /dev/fd/N
+PROCESS_LOCAL = ("/dev/fd/", "/proc/self/fd/", "/dev/stdin")
+
+
+def _is_piped(path: str) -> bool:
+    """A --config value that can be read once, by this process only: a pipe, a FIFO, a terminal, a descriptor."""
+    if path.startswith(PROCESS_LOCAL):
+        return True
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False  # not a path (a YAML string), or missing: jsonargparse says so
+
+
+def inline_piped_configs(argv: list[str]) -> tuple[list[str], dict[int, str]]:
+    """`--config <(...)`, /dev/stdin, a FIFO: read each once, here, and put its content in its place (jsonargparse
+    takes a YAML string for --config), so that every later reader sees it — a DDP launcher re-running the command
+    line in new processes, which have no such descriptor, included. Returns (argv, {index: original path})."""
+    out, piped = list(argv), {}
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            at, value, prefix = i + 1, out[i + 1], ""
+        elif arg.startswith("--config="):
+            at, value, prefix = i, arg.split("=", 1)[1], "--config="
+        else:
+            continue
+        if at in piped or not _is_piped(value):
+            continue
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise SystemExit(f"vitx: --config {value} is empty (a pipe read twice, or a command that wrote nothing)")
+        out[at], piped[at] = prefix + text, value
+    return out, piped
+
+
 def _flag_paths(argv: list[str]) -> set[str]:
     """Dotted keys given as command-line flags, without LightningCLI's `init_args` level."""
     keys = set()
@@ -83,7 +121,11 @@ class VitxCLI(LightningCLI):
 
     def __init__(self, args: Optional[list[str]] = None) -> None:
         """args: the command line after `vitx`; None reads sys.argv (LightningCLI warns when given both)."""
-        self.argv = list(sys.argv[1:] if args is None else args)
+        self.argv, self.piped = inline_piped_configs(list(sys.argv[1:] if args is None else args))
+        if args is None:
+            sys.argv[1:] = self.argv  # what a DDP launcher runs again in each new process
+        else:
+            args = self.argv
         # interpolations in files are written from the root (`${model.init_args...}`); jsonargparse resolves them
         # per subcommand, so they are made relative to where they stand
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -150,13 +192,21 @@ class VitxCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO(trusted=trusted))
         config["plugins"] = plugins or None
         given = list(config.get("callbacks") or []) + list(callbacks)
-        guards = [NonFiniteGuard(), RequireProgress(), InterruptCheckpoint(resume_command=self._resume_command())]
+        interrupt = InterruptCheckpoint(resume_command=self._resume_command())
+        guards = [NonFiniteGuard(), RequireProgress(), interrupt]
         extra = [g for g in guards if not any(isinstance(c, type(g)) for c in given)]
+        if self.piped and interrupt in extra:
+            extra.append(_ResumeWithSavedConfig(interrupt, self._resume_command))
         return super()._instantiate_trainer(config, list(callbacks) + extra)
 
-    def _resume_command(self) -> str:
+    def _resume_command(self, saved_config: Optional[str] = None) -> str:
+        """The command line without its --ckpt_path; a piped config, gone once read, replaced by the run's saved
+        config.yaml (the whole resolved config: what comes after it on the command line still applies on top)."""
         args, skip = [], False
-        for arg in self.argv:
+        for i, arg in enumerate(self.argv):
+            if i in self.piped:
+                arg = saved_config or self.piped[i]
+                arg = "--config=" + arg if self.argv[i].startswith("--config=") else arg
             if skip:
                 skip = False
             elif arg == "--ckpt_path":
@@ -192,6 +242,21 @@ class VitxCLI(LightningCLI):
                 f"beside the shards): set --model.{unset[0]}.num_classes N")
         for key in unset:
             init[key]["num_classes"] = len(names)
+
+
+class _ResumeWithSavedConfig(Callback):
+    """Makes the interruption message name the run's config.yaml in place of a piped --config."""
+
+    def __init__(self, interrupt: Any, render: Any) -> None:
+        self.interrupt, self.render = interrupt, render
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # the logger's own log_dir, not trainer.log_dir: that one is a broadcast, and only the process that read the
+        # pipe has this callback (the processes a DDP launcher starts get the content, not the pipe)
+        if stage == "fit":
+            log_dir = trainer.logger.log_dir if trainer.logger is not None else None
+            self.interrupt.resume_command = self.render(os.path.join(log_dir or trainer.default_root_dir,
+                                                                     "config.yaml"))
 
 
 def _class_names(data: Any) -> Optional[list[str]]:
