@@ -172,7 +172,11 @@ def gather_features(features: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, gather: bool = True
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gather: bool = True,
+    local: bool = True,
 ) -> torch.Tensor:
     """CLIP's loss on this process's rows, scored against the whole (gathered) batch.
 
@@ -180,13 +184,18 @@ def contrastive_loss(
     logit_scale: () the *log* of the multiplier: logits = exp(logit_scale) * image @ text^T.
     gather: False scores the local rows among themselves only (e.g. validation rows, whose count may differ
         between processes).
+    local: how much of the global N x N similarity matrix (N = W * B) each process builds.
+        True (the default; open_clip's `local_loss=True`): only its own B rows, (B, N) image->text and (B, N)
+        text->image logits, and it returns (mean cross-entropy over its image rows + mean over its caption
+        rows) / 2, its share of the loss. The mean of this value over the W processes is the single-device
+        loss on the whole batch.
+        False (open_clip's default, `local_loss=False`): the whole (N, N) matrix on every process, every process
+        returning the whole batch's loss. W times the logits' memory and compute, the same value (as a mean over
+        processes) and the same gradients: kept for comparison and for parity with open_clip.
 
-    Each process scores its own B images against all W * B captions and its own B captions against all W * B
-    images, and returns (mean cross-entropy over its image rows + mean over its caption rows) / 2. The mean of
-    this value over the W processes is the single-device loss on the whole batch, and so are the gradients once
-    data parallelism averages them (DDP and FSDP do): the gradient that reaches other processes' rows through
-    the gather is summed back to them. Computed in fp32 with autocast off, so bf16/fp16 training does not round
-    logits scaled by up to 100.
+    Either way the gradients equal the single-device ones once data parallelism averages them (DDP and FSDP do):
+    the gradient that reaches other processes' rows through the gather is summed back to them. Computed in fp32
+    with autocast off, so bf16/fp16 training does not round logits scaled by up to 100.
     """
     if image_features.shape != text_features.shape or image_features.ndim != 2:
         raise ValueError(
@@ -198,10 +207,29 @@ def contrastive_loss(
         image_features, text_features = image_features.float(), text_features.float()
         all_images = gather_features(image_features) if gather else image_features  # (N, E), N = W * B
         all_texts = gather_features(text_features) if gather else text_features  # (N, E)
-        scale = logit_scale.float().exp()  # ()
-        logits_per_image = scale * image_features @ all_texts.T  # (B, N) my images vs every caption
-        logits_per_text = scale * text_features @ all_images.T  # (B, N) my captions vs every image
-        B = image_features.shape[0]
-        labels = torch.arange(rank * B, (rank + 1) * B, device=image_features.device)  # (B,) my pairs' columns
-        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        return contrastive_loss_gathered(image_features, text_features, all_images, all_texts, logit_scale, rank,
+                                         local)
 
+
+def contrastive_loss_gathered(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    all_images: torch.Tensor,
+    all_texts: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rank: int,
+    local: bool = True,
+) -> torch.Tensor:
+    """contrastive_loss once the features are gathered: this process's (B, E) rows sit at rows
+    [rank * B, (rank + 1) * B) of the (N, E) `all_images` / `all_texts`. In fp32 as given (no autocast here)."""
+    B = image_features.shape[0]
+    scale = logit_scale.float().exp()  # ()
+    if local:
+        rows_i, rows_t, first = image_features, text_features, rank * B  # my rows; their pairs' columns
+    else:
+        rows_i, rows_t, first = all_images, all_texts, 0  # every row of the global batch
+    logits_per_image = scale * rows_i @ all_texts.T  # (B or N, N) images vs every caption
+    # captions vs every image; the whole matrix's transpose when it is whole (one matmul, as open_clip)
+    logits_per_text = scale * rows_t @ all_images.T if local else logits_per_image.T  # (B or N, N)
+    labels = torch.arange(first, first + rows_i.shape[0], device=image_features.device)  # the matching columns
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

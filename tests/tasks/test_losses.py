@@ -1,4 +1,5 @@
-"""Distillation losses against hand computations on fixed logits (plain Python math, no torch functionals)."""
+"""Distillation losses against hand computations on fixed logits (plain Python math, no torch functionals); the
+contrastive loss's local and whole-matrix forms against each other on W emulated processes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import math
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from vit_experiments.losses import (
+    contrastive_loss,
+    contrastive_loss_gathered,
     distillation_kl,
     distillation_loss,
     hard_distillation_loss,
@@ -134,3 +139,36 @@ def test_alpha_translates_between_kl_reductions_as_documented():
 def test_unknown_kl_reduction_is_a_clear_error():
     with pytest.raises(ValueError, match="batchmean, mean"):
         distillation_kl(t(DIST), t(TEACHER), tau=1.0, kl_reduction="sum")
+
+
+# -- contrastive: local (B, N) rows vs the whole (N, N) matrix, on W emulated processes ----------------------------
+def _emulated(local: bool, W: int = 4, B: int = 3, E: int = 5):
+    """Each of W 'processes' scores its rows of a global batch of N = W * B pairs; -> (mean of their losses, the
+    gradient of that mean with respect to the global features and the temperature)."""
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(W * B, E, generator=g), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(W * B, E, generator=g), dim=-1).requires_grad_()
+    t = torch.tensor(2.0, requires_grad=True)
+    losses = [contrastive_loss_gathered(img[r * B:(r + 1) * B], txt[r * B:(r + 1) * B], img, txt, t, r, local)
+              for r in range(W)]
+    mean = torch.stack(losses).mean()
+    return losses, mean, torch.autograd.grad(mean, (img, txt, t))
+
+
+def test_local_and_whole_matrix_contrastive_losses_agree():
+    local_losses, local_mean, local_grads = _emulated(local=True)
+    full_losses, full_mean, full_grads = _emulated(local=False)
+    W, B = 4, 3
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(W * B, 5, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(W * B, 5, generator=g), dim=-1)
+    whole = contrastive_loss(img, txt, torch.tensor(2.0), gather=False)  # one process, the whole batch
+    torch.testing.assert_close(local_mean, whole)
+    torch.testing.assert_close(full_mean, whole)
+    for loss in full_losses:  # every process computes the whole loss
+        torch.testing.assert_close(loss, whole)
+    assert len({round(x.item(), 6) for x in local_losses}) == W  # each its own share
+    for a, b in zip(local_grads, full_grads):
+        torch.testing.assert_close(a, b)
+    # one process: both forms are the plain loss
+    torch.testing.assert_close(contrastive_loss(img, txt, torch.tensor(2.0), local=False), whole)
