@@ -45,6 +45,9 @@ class ContrastivePretraining(VisionTask):
             CLIP's. Saved in every checkpoint.
         std: per-channel standard deviation, likewise.
         init_from: a CLIP checkpoint to start from (the image tower's position embedding resampled).
+        local_loss: under data parallelism each device scores only its own rows against the gathered columns
+            (open_clip's local_loss; equal loss and gradients, 2/W of the logits' memory); False builds the whole
+            global logit matrix on every device.
     """
 
     default_normalization = (CLIP_MEAN, CLIP_STD)
@@ -57,11 +60,13 @@ class ContrastivePretraining(VisionTask):
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
         init_from: Optional[str] = None,
+        local_loss: bool = True,
     ) -> None:
         super().__init__(optim, mean, std)
         clip = config_from_dict("clip", clip) if isinstance(clip, dict) else clip
         self.save_task_hyperparameters(clip=clip, tokenizer=tokenizer, optim=self.optim_cfg, mean=mean, std=std,
-                                       init_from=init_from)
+                                       init_from=init_from, local_loss=local_loss)
+        self.local_loss = local_loss
         self.tokenizer_path = tokenizer
         self.model = CLIP(clip)
         self.init_weights_from(init_from)
@@ -156,7 +161,7 @@ class ContrastivePretraining(VisionTask):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, ids, _ = batch  # training batches hold no padding
         image_emb, text_emb, logit_scale = self.model(images, ids)  # (B, E), (B, E), ()
-        loss = contrastive_loss(image_emb, text_emb, logit_scale)
+        loss = contrastive_loss(image_emb, text_emb, logit_scale, local=self.local_loss)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # mean over devices = the global batch's loss
         self.log("train/logit_scale", logit_scale.detach().exp(), prog_bar=True)  # 1 / temperature
         return loss
