@@ -14,21 +14,34 @@ TensorBoard events as config.yaml.
 Beyond LightningCLI, vitx resolves what the data knows: a classifier whose `num_classes` is unset takes it from
 the shards' classes.json. A ViT `variant` given on the command line replaces the dimensions a config file set.
 Every checkpoint is loaded with `weights_only=True` unless `--weights_only false` says the file is trusted.
+
+`--ckpt_path`: as in LightningCLI, the task is rebuilt from the checkpoint's hyperparameters (its `_class_path` and
+arguments), which replace the config's; here a `--model.*` flag on the command line still wins over them
+(`--model.teacher_ckpt NEW/PATH`, `--model.init_from null`), and the `_class_path` is checked before anything is
+imported: a vitx task (a LightningModule under vit_experiments.tasks.) or the config's own model class_path, unless
+`--weights_only false` trusts the file. The task is built `restoring` (vit_experiments.tasks.core): the files its
+initial weights would come from (`init_from`) are not read, since the checkpoint's weights replace them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shlex
-import stat
 import sys
 import warnings
 from typing import Any, Optional
 
 from jsonargparse import Namespace, set_docstring_parse_options, set_parsing_settings
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
+
+from vit_experiments.cli_inputs import (
+    ResumeWithSavedConfig,
+    check_class_paths,
+    inline_piped_configs,
+    raised_by_a_class,
+)
 
 TRAINING_VERBS = ("fit", "validate", "test", "predict")
 # the dimensions a ViT variant sets (models.vit.VARIANTS, plus the patch size of "B/16")
@@ -56,42 +69,6 @@ USAGE = """usage: vitx {fit,validate,test,predict,data,analyze} ...
 
   vitx fit --help lists every option of the trainer, the model and the data (add --model.help CLASS for a task's).
 """
-
-
-# paths that mean something only in the process that opened them: `<(...)` in bash is /dev/fd/N
-PROCESS_LOCAL = ("/dev/fd/", "/proc/self/fd/", "/dev/stdin")
-
-
-def _is_piped(path: str) -> bool:
-    """A --config value that can be read once, by this process only: a pipe, a FIFO, a terminal, a descriptor."""
-    if path.startswith(PROCESS_LOCAL):
-        return True
-    try:
-        return not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode)
-    except (OSError, ValueError):
-        return False  # not a path (a YAML string), or missing: jsonargparse says so
-
-
-def inline_piped_configs(argv: list[str]) -> tuple[list[str], dict[int, str]]:
-    """`--config <(...)`, /dev/stdin, a FIFO: read each once, here, and put its content in its place (jsonargparse
-    takes a YAML string for --config), so that every later reader sees it — a DDP launcher re-running the command
-    line in new processes, which have no such descriptor, included. Returns (argv, {index: original path})."""
-    out, piped = list(argv), {}
-    for i, arg in enumerate(out):
-        if arg in ("--config", "-c") and i + 1 < len(out):
-            at, value, prefix = i + 1, out[i + 1], ""
-        elif arg.startswith("--config="):
-            at, value, prefix = i, arg.split("=", 1)[1], "--config="
-        else:
-            continue
-        if at in piped or not _is_piped(value):
-            continue
-        with open(value, encoding="utf-8") as f:
-            text = f.read()
-        if not text.strip():
-            raise SystemExit(f"vitx: --config {value} is empty (a pipe read twice, or a command that wrote nothing)")
-        out[at], piped[at] = prefix + text, value
-    return out, piped
 
 
 def _flag_paths(argv: list[str]) -> set[str]:
@@ -141,12 +118,75 @@ class VitxCLI(LightningCLI):
             args=args,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's rebuilding of the model from `--ckpt_path`'s hyperparameters, with what the module
+        docstring says vitx adds."""
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        if config.get("ckpt_path") == "last":
+            self._resolve_last(config)
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or not os.path.isfile(str(ckpt_path)):
+            return  # a remote checkpoint: the config builds the model, as in Lightning
+        from vit_experiments.checkpoints.io import load_file
+
+        trusted = config.get("weights_only") is False
+        try:
+            ckpt = load_file(str(ckpt_path), trust=trusted)
+        except ValueError as err:
+            raise SystemExit(f"vitx: --ckpt_path: {err}") from err
+        hparams = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        class_path = hparams.pop("_class_path", None)
+        if not trusted:
+            check_class_paths(str(ckpt_path), class_path, hparams, config.get("model"))
+        self._command_line_wins(hparams, config.get("model"))
+        model = {"class_path": class_path, "dict_kwargs": hparams} if class_path else hparams
+        try:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": model}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
+
+    def _command_line_wins(self, hparams: dict, model: Any) -> None:
+        """A `--model.*` flag given on the command line replaces the checkpoint's value of that argument."""
+        init = model.get("init_args") if isinstance(model, Namespace) else None
+        if not isinstance(init, Namespace):
+            return
+        for flag in sorted(_flag_paths(self.argv)):
+            keys = flag.split(".")
+            if keys[0] != "model" or len(keys) < 2 or keys[1] not in hparams:
+                continue
+            value = init.get(".".join(keys[1:]))
+            node = hparams
+            for key in keys[1:-1]:
+                if not isinstance(node.get(key), dict):
+                    break
+                node = node[key]
+            else:
+                node[keys[-1]] = value.as_dict() if isinstance(value, Namespace) else value
+
+    def instantiate_classes(self) -> None:
+        """Built for a `--ckpt_path`, the task is `restoring`: it does not read its initial weights' files."""
+        from vit_experiments.tasks.core import restoring
+
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        with restoring(self.subcommand) if ckpt_path else contextlib.nullcontext():
+            try:
+                super().instantiate_classes()
+            except ValueError as err:
+                cause = raised_by_a_class(err)
+                if cause is None:
+                    raise
+                raise cause from None  # the task's own error, not jsonargparse's dump of every Union member
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         if config.get("weights_only") is None:
             config["weights_only"] = True  # Lightning's default for a remote --ckpt_path would unpickle anything
-        if config.get("ckpt_path") == "last":
-            self._resolve_last(config)
         model = config.get("model")
         if isinstance(model, Namespace):
             self._variant_from_command_line(model)
@@ -195,8 +235,14 @@ class VitxCLI(LightningCLI):
         interrupt = InterruptCheckpoint(resume_command=self._resume_command())
         guards = [NonFiniteGuard(), RequireProgress(), interrupt]
         extra = [g for g in guards if not any(isinstance(c, type(g)) for c in given)]
-        if self.piped and interrupt in extra:
-            extra.append(_ResumeWithSavedConfig(interrupt, self._resume_command))
+        if interrupt in extra:
+            # first of all callbacks: on an interruption the checkpoint is written before any other callback's
+            # end-of-run work (the final analysis), within a scheduler's grace period after SIGTERM
+            extra.remove(interrupt)
+            own = config.get("callbacks")
+            config["callbacks"] = [interrupt] + (list(own) if isinstance(own, (list, tuple)) else [own] if own else [])
+            if self.piped:
+                extra.append(ResumeWithSavedConfig(interrupt, self._resume_command))
         return super()._instantiate_trainer(config, list(callbacks) + extra)
 
     def _resume_command(self, saved_config: Optional[str] = None) -> str:
@@ -242,21 +288,6 @@ class VitxCLI(LightningCLI):
                 f"beside the shards): set --model.{unset[0]}.num_classes N")
         for key in unset:
             init[key]["num_classes"] = len(names)
-
-
-class _ResumeWithSavedConfig(Callback):
-    """Makes the interruption message name the run's config.yaml in place of a piped --config."""
-
-    def __init__(self, interrupt: Any, render: Any) -> None:
-        self.interrupt, self.render = interrupt, render
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        # the logger's own log_dir, not trainer.log_dir: that one is a broadcast, and only the process that read the
-        # pipe has this callback (the processes a DDP launcher starts get the content, not the pipe)
-        if stage == "fit":
-            log_dir = trainer.logger.log_dir if trainer.logger is not None else None
-            self.interrupt.resume_command = self.render(os.path.join(log_dir or trainer.default_root_dir,
-                                                                     "config.yaml"))
 
 
 def _class_names(data: Any) -> Optional[list[str]]:

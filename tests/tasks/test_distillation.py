@@ -302,3 +302,37 @@ def test_vitx_fit_with_each_loss(kind, fitted_teacher, tiny_shapes, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["distillation"] == kind and ckpt["global_step"] == 2
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+
+
+def test_a_student_checkpoint_whose_teacher_moved_validates_but_does_not_resume(fitted_teacher, tiny_shapes,
+                                                                               tmp_path, capsys):
+    """The teacher's weights are not in the student's checkpoints: `vitx validate` does without them (one warning
+    line, no teacher metrics); resuming the fit stops with what to set, and `--model.teacher_ckpt` then wins over
+    the checkpoint's path."""
+    import shutil
+
+    teacher = tmp_path / "teacher.ckpt"
+    shutil.copy(fitted_teacher, teacher)
+    student = ["--config", DISTILL_CONFIG, "--model.distillation", "hard", "--model.vit.image_size", "16",
+               "--model.vit.embed_dim", "32", "--model.vit.depth", "1", "--model.vit.num_heads", "2",
+               "--model.vit.mlp_dim", "64"]
+    main(["fit", *student, *common_args(tiny_shapes, tmp_path / "fit"), "--model.teacher_ckpt", str(teacher)])
+    (ckpt,) = (tmp_path / "fit").rglob("last.ckpt")
+    teacher.unlink()
+    capsys.readouterr()
+
+    main(["validate", *student, *common_args(tiny_shapes, tmp_path / "val"), "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err
+    (warning,) = [line for line in err.splitlines() if str(teacher) in line]
+    assert "without its teacher" in warning and "--model.teacher_ckpt" in warning
+    tags = scalar_tags(next((tmp_path / "val" / "deit-distill-shapes").iterdir()))
+    assert "val/acc1" in tags and not {"val/teacher_acc1", "val/agreement"} & tags
+
+    resume = ["fit", *student, *common_args(tiny_shapes, tmp_path / "resume"), "--trainer.max_epochs", "2",
+              "--ckpt_path", str(ckpt)]
+    with pytest.raises(FileNotFoundError, match=f"{teacher}.*--model.teacher_ckpt"):
+        main(resume)
+    main([*resume, "--model.teacher_ckpt", str(fitted_teacher)])
+    (resumed,) = (tmp_path / "resume").rglob("last.ckpt")
+    state = torch.load(resumed, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4 and state["hyper_parameters"]["teacher_ckpt"] == str(fitted_teacher)

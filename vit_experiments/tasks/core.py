@@ -5,6 +5,9 @@ and implements `training_step`, `evaluate(batch, stage)` and, if it augments, `p
 
 * plain-typed hyperparameters (`save_task_hyperparameters`), so checkpoints load with `weights_only=True`, and a
   `_class_path` with which `vitx validate --ckpt_path` rebuilds the task;
+* `restoring(stage)`: a task built to receive a checkpoint's weights (`--ckpt_path`, `load_from_checkpoint`) does
+  not read the files it would start from (`init_from`; the checkpoint overwrites those weights anyway), so a
+  checkpoint stays usable after they move; the paths stay in its hyperparameters as provenance;
 * the normalisation, resolved once: the one the user gave, else the one a checkpoint was trained with, else the
   data module's preset, else the family's default; saved in every checkpoint under METADATA_KEY with the network
   configuration, the class names and (CLIP) the tokenizer, which is what `vit_experiments.checkpoints` reads;
@@ -18,7 +21,9 @@ and implements `training_step`, `evaluate(batch, stage)` and, if it augments, `p
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, Optional, Sequence
 
 import lightning as L
 import torch
@@ -29,6 +34,25 @@ from vit_experiments.checkpoints import METADATA_KEY, load_weights, network_meta
 from vit_experiments.checkpoints.info import FORMAT_VERSION
 from vit_experiments.scaling import compile_units, shard_network
 from vit_experiments.tasks.optim import OptimConfig, build_optimizer
+
+
+_RESTORING: ContextVar[Optional[str]] = ContextVar("vitx_restoring", default=None)
+
+
+@contextmanager
+def restoring(stage: str) -> Iterator[None]:
+    """Tasks built inside get their weights from a checkpoint next: `stage` is "fit" (resuming) or what the
+    weights are for ("validate", "test", "predict", "load")."""
+    token = _RESTORING.set(stage)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
+
+
+def restoring_stage() -> Optional[str]:
+    """The stage of `restoring` a task is being built in, or None for a task that starts from its own weights."""
+    return _RESTORING.get()
 
 
 def plain(value: Any) -> Any:
@@ -64,7 +88,8 @@ class VisionTask(L.LightningModule):
         mean, std: per-channel normalisation of [0, 1] pixels; None takes it from a checkpoint being resumed or
             evaluated, else the data module's preset, else `default_normalization`.
         init_from: a checkpoint to start from (fine-tuning), read by vit_experiments.checkpoints: position
-            embedding resampled to the model's image size, a classifier of another label set replaced.
+            embedding resampled to the model's image size, a classifier of another label set replaced. Not read
+            when the task is restored from a checkpoint of its own (`restoring`); kept in the hyperparameters.
         reset_head: with init_from, restart the classifier from zero even when the label set is the same.
     """
 
@@ -80,6 +105,9 @@ class VisionTask(L.LightningModule):
         self.mean, self.std = _triple(mean, "mean"), _triple(std, "std")
         self.class_names: Optional[list[str]] = None
         self.init_notes: list[str] = []
+        # the stage this task is built to be restored for (`restoring`), None for a fresh start: files that only
+        # give a starting state (init_from, a tokenizer the checkpoint carries) need not be read then
+        self.restored_for: Optional[str] = restoring_stage()
 
     # -- hyperparameters and initial weights ---------------------------------------------------------------
     def save_task_hyperparameters(self, **values: Any) -> None:
@@ -88,8 +116,16 @@ class VisionTask(L.LightningModule):
         self.save_hyperparameters({"_class_path": f"{cls.__module__}.{cls.__qualname__}", **plain(values)})
 
     def init_weights_from(self, init_from: Optional[str], reset_head: bool = False) -> None:
-        if init_from:
+        """Fine-tuning: start from `init_from`'s weights; not read when the task is being restored from a checkpoint,
+        whose weights replace these."""
+        if init_from and self.restored_for is None:
             self.init_notes = load_weights(self.model, init_from, reset_head)
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's load_from_checkpoint, with the task built as `restoring("load")`."""
+        with restoring("load"):
+            return super().load_from_checkpoint(*args, **kwargs)
 
     # -- what the network is --------------------------------------------------------------------------------
     def image_size(self) -> int:

@@ -9,27 +9,33 @@ CutMix, random erasing, repeated augmentation, label smoothing, stochastic depth
 and an exponential moving average of the weights evaluated beside the raw ones.
 
 The teacher (vit_experiments.tasks.teacher) is any classifier checkpoint vitx reads: a ResNet or ViT trained with
-`ImageClassifier`, or another DeiT. Its weights are not stored in the student's checkpoints.
+`ImageClassifier`, or another DeiT. Its weights are not stored in the student's checkpoints: resuming a fit
+(`--ckpt_path`) reads `teacher_ckpt` again (`--model.teacher_ckpt` on the command line names a moved file), while
+evaluating a checkpoint whose teacher file is gone goes on without the teacher's metrics, with a warning.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torchmetrics import MeanMetric
 
 from data_pipelines.augment import MixupCutmix, RandAugment, random_erasing, repeat_batch
 from data_pipelines.constants import IGNORE_INDEX
 from data_pipelines.transforms import normalize, random_hflip
+from vit_experiments.checkpoints.io import is_remote
 from vit_experiments.losses import DISTILLATION_KINDS, KL_REDUCTIONS, distillation_loss
 from vit_experiments.models.vit import ViTConfig, VisionTransformer
 from vit_experiments.tasks.classification import accuracy
-from vit_experiments.tasks.core import VisionTask, as_config
+from vit_experiments.tasks.core import VisionTask, as_config, restoring_stage
 from vit_experiments.tasks.ema import build_ema
 from vit_experiments.tasks.optim import OptimConfig
 from vit_experiments.tasks.teacher import FrozenTeacher, load_teacher
@@ -69,7 +75,8 @@ class DistillationClassifier(VisionTask):
         optim: AdamW and the warm-up + cosine schedule (DeiT: lr 5e-4 x batch / 512, weight decay 0.05, 5 warm-up
             epochs); `optim.layer_decay` for fine-tuning.
         distillation: "hard" (DeiT's best), "soft" or "none" (no teacher: both heads learn the labels).
-        teacher_ckpt: a classifier checkpoint (ResNet, ViT or DeiT); needed unless distillation is "none".
+        teacher_ckpt: a classifier checkpoint (ResNet, ViT or DeiT); needed unless distillation is "none" (evaluating
+            a student checkpoint does without it, and without the teacher's metrics, when the file is gone).
         alpha: soft distillation's weight of the KL term. Hard distillation weighs its two terms 0.5 each and
             ignores alpha.
         tau: soft distillation's temperature.
@@ -83,7 +90,8 @@ class DistillationClassifier(VisionTask):
         ema_warmup: ramp the decay as min(decay, (1 + n) / (10 + n)) so short runs get a useful average.
         mean, std: normalisation of the student's input; by default a checkpoint's, else the data module's
             preset, else ImageNet's.
-        init_from: a checkpoint to fine-tune from (position embedding resampled to `vit.image_size`).
+        init_from: a checkpoint to fine-tune from (position embedding resampled to `vit.image_size`); not read when
+            the student is restored from a checkpoint of its own.
         reset_head: with `init_from`, restart both heads from zero.
     """
 
@@ -115,7 +123,7 @@ class DistillationClassifier(VisionTask):
             raise ValueError("the DeiT student needs a distillation token: set vit.num_distill_tokens: 1")
         if vit.num_classes < 2:
             raise ValueError(f"vit.num_classes must be >= 2 for classification, got {vit.num_classes}")
-        if distillation != "none" and not teacher_ckpt:
+        if distillation != "none" and not teacher_ckpt and restoring_stage() in (None, "fit"):
             raise ValueError(f"distillation {distillation!r} needs teacher_ckpt; set it, or distillation: none")
         if not 0.0 <= alpha <= 1.0 or tau <= 0:
             raise ValueError(f"need alpha in [0, 1] and tau > 0, got alpha={alpha}, tau={tau}")
@@ -135,9 +143,8 @@ class DistillationClassifier(VisionTask):
 
         self.model = VisionTransformer(vit)
         self.init_weights_from(init_from, reset_head)
-        self.teacher: Optional[FrozenTeacher] = None
-        if distillation != "none":
-            self.teacher = load_teacher(teacher_ckpt)
+        self.teacher: Optional[FrozenTeacher] = self._teacher(distillation, teacher_ckpt)
+        if self.teacher is not None:
             if self.teacher.num_classes != vit.num_classes:
                 raise ValueError(f"the teacher predicts {self.teacher.num_classes} classes but the student "
                                  f"{vit.num_classes}; use a teacher trained on the same label set")
@@ -155,6 +162,25 @@ class DistillationClassifier(VisionTask):
         self.val_metrics["acc5"] = accuracy(n, 5)
         self.val_loss = MeanMetric()
         self.on_normalization(*self.normalization)  # the given or default one; setup() resolves it for a run
+
+    @staticmethod
+    def _teacher(distillation: str, teacher_ckpt: Optional[str]) -> Optional[FrozenTeacher]:
+        """The frozen teacher, whose weights are in its own file, never in the student's checkpoints. Evaluating a
+        checkpoint does without it when that file is gone (no teacher metrics); resuming a fit does not."""
+        if distillation == "none":
+            return None
+        stage = restoring_stage()
+        if stage is None or (teacher_ckpt and (is_remote(teacher_ckpt) or Path(teacher_ckpt).is_file())):
+            return load_teacher(teacher_ckpt)
+        if stage == "fit":
+            raise FileNotFoundError(
+                f"resuming this {distillation} distillation run needs its teacher, whose weights are not in the "
+                f"student's checkpoint, and teacher_ckpt {teacher_ckpt} is not found: point --model.teacher_ckpt at "
+                "the teacher's checkpoint (or resume with --model.distillation none to go on without a teacher)")
+        if rank_zero_only.rank == 0:
+            print(f"vitx: warning: teacher_ckpt {teacher_ckpt} not found: evaluating the student without its teacher "
+                  "(no teacher_acc1, agreement); --model.teacher_ckpt PATH adds them", file=sys.stderr, flush=True)
+        return None
 
     def analysis_backbone(self) -> VisionTransformer:
         return self.model  # 2 prefix tokens: the analyses skip the class and distillation tokens
