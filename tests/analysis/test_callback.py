@@ -1,6 +1,7 @@
 """AttentionAnalysis in real (tiny) Lightning runs: TensorBoard tags read back, files, probe, DDP, bf16."""
 import json
 import os
+import signal
 import warnings
 
 import lightning as L
@@ -155,3 +156,41 @@ def test_two_processes_finish_and_only_rank_zero_analyses(tmp_path):
     assert set(IMAGE_TAGS) <= set(acc.Tags()["images"])
     data = json.loads((log_dir / "analysis" / "step_000003" / "analysis.json").read_text())
     assert data["global_rank"] == 0
+
+
+class StopsAtStep3(TinyClassifier):
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise self.error
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("error, world, analysed", [
+    (RuntimeError("disk went away"), 1, True),  # an exception in one process
+    (None, 1, True),  # SIGTERM, or a first Ctrl-C (Lightning's SIGTERM path)
+    (None, 2, True),  # ... which every rank makes at the same step
+    (RuntimeError("one rank's own error"), 2, False),  # the other ranks are elsewhere: not safe
+    (KeyboardInterrupt(), 1, False),  # a second Ctrl-C: stop at once
+], ids=["exception", "sigterm", "sigterm-2-ranks", "exception-2-ranks", "second-ctrl-c"])
+def test_an_interrupted_fit_gets_its_final_analysis_when_stopping_is_safe(error, world, analysed, tmp_path,
+                                                                           monkeypatch):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import vit_experiments.callbacks.analysis as analysis
+
+    monkeypatch.setattr(analysis, "rank_world", lambda: (0, world))  # what the process group would say
+    train, val, _ = loaders()
+    cb = AttentionAnalysis(num_images=2, every_n_epochs=0, at_start=False, at_end=True, log_images=False)
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C for good after a KeyboardInterrupt
+    try:
+        with pytest.raises((RuntimeError, SystemExit)):  # SIGTERMException, Lightning's exit on Ctrl-C: SystemExit
+            trainer(tmp_path, cb, max_epochs=3).fit(StopsAtStep3(error or SIGTERMException()), train, val)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    done = sorted(os.listdir(tmp_path / "run" / "version_0" / "analysis")) if analysed else []
+    assert cb.runs == int(analysed) and done == ["step_000003"][: int(analysed)]
+    assert not analysed or (tmp_path / "run" / "version_0" / "analysis" / "step_000003" / "analysis.json").exists()

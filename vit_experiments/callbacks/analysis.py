@@ -27,6 +27,10 @@ Cost: one forward pass of `num_images` images with attention maps, plus drawing.
 with longer epochs. Every run logs its own cost as analysis/seconds and analysis/time_share. Lower it with a
 larger every_n_epochs, fewer num_images or save_figures=False.
 
+Interrupted runs: a fit stopped by Ctrl-C, SIGTERM or an exception gets its final analysis (with `at_end`) of the
+newest weights on the way out, when stopping is safe by the rule vit_experiments.callbacks.interruption saves a
+checkpoint by: one process, or a stop that every process makes at the same step; never after a second Ctrl-C.
+
 Distributed: the analysis runs on global rank 0 only and calls no collective operation (it uses the unwrapped
 model, not the DDP wrapper), so other ranks never wait for a partner that does not come. Sharded strategies
 (FSDP, DeepSpeed) need every rank in a forward pass, so the callback switches itself off there with a warning.
@@ -44,7 +48,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+
+from data_pipelines.distributed import rank_world
+from vit_experiments.callbacks.interruption import COORDINATED
 
 from vit_experiments.analysis.plots import figure_to_array
 from vit_experiments.analysis.report import analyze_model, save_report
@@ -95,6 +103,15 @@ def display_images(pl_module: L.LightningModule, images: torch.Tensor) -> Option
     return ((images.float() * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)  # (B, C, H, W)
 
 
+def stopped_together(exception: BaseException) -> bool:
+    """Whether a fit stopped by `exception` may still do its end-of-run work (InterruptCheckpoint's rule for saving):
+    not after a second Ctrl-C (the user wants out now), and in one process or on a stop every process makes at the
+    same step (COORDINATED: SIGTERM and a first Ctrl-C, reduced over ranks; a non-finite loss; no progress)."""
+    if isinstance(exception, KeyboardInterrupt):
+        return False
+    return rank_world()[1] == 1 or isinstance(exception, COORDINATED)
+
+
 class AttentionAnalysis(Callback):
     """Run the ViT analyses on a fixed probe batch during training and log them.
 
@@ -103,7 +120,8 @@ class AttentionAnalysis(Callback):
         every_n_epochs: run at the end of every n-th training epoch (after its validation); 0 or None: never.
         every_n_steps: run every n optimizer steps; 0 or None: never.
         at_start: also run before the first optimizer step (the picture at initialisation).
-        at_end: also run when training ends, unless the last run was at that step.
+        at_end: also run when training ends, unless the last run was at that step; also when a fit is stopped by
+            Ctrl-C, SIGTERM or an exception, where that is safe (see the module docstring).
         model_attr: dotted path from the LightningModule to the VisionTransformer (e.g. "model.visual");
             by default the module's analysis_backbone(), else `model`, else `model.visual`.
         rollout_token: the prefix token whose attention rollout is drawn (0 class token, 1 DeiT distillation).
@@ -231,6 +249,14 @@ class AttentionAnalysis(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.at_end:
             self._maybe_run(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not self.at_end or trainer.state.fn != TrainerFn.FITTING or not stopped_together(exception):
+            return
+        try:
+            self._maybe_run(trainer, pl_module)
+        except Exception:  # raise_errors: still never in place of the error that stopped the run
+            rank_zero_warn(f"AttentionAnalysis: the final analysis failed:\n{traceback.format_exc()}")
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":  # `vitx validate`: one analysis of the checkpoint
