@@ -198,3 +198,11 @@ def test_retrieval_captions_split_at_newlines_only():
     _, captions, valid = AllCaptionsDecoder(16).decode({"jpg": buf.getvalue(), "txt": txt}, random.Random(0), 0,
                                                       False)
     assert valid and captions == ["a red\u2028square", "the second\x85caption"]
+
+
+def test_validate_after_the_tokenizer_file_moved(demo_run, corpus, tmp_path):
+    """The checkpoint names a tokenizer file that is gone: restoring uses the tokenizer inside the checkpoint."""
+    gone = tmp_path / "moved" / "tokenizer.json"
+    args = tiny_args(DEMO, corpus, tmp_path, "--model.tokenizer", str(gone))
+    main(["validate", *args, "--ckpt_path", str(demo_run / "checkpoints" / "last.ckpt")])
+    assert "val/zeroshot/acc1" in scalars(only_run(tmp_path))

@@ -116,7 +116,8 @@ class ContrastivePretraining(VisionTask):
 
     # -- setup ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.tokenizer is None and self.tokenizer_path:
+        restoring = self.restored_for is not None  # a checkpoint being restored brings its own tokenizer
+        if self.tokenizer is None and self.tokenizer_path and not (restoring and not os.path.isfile(self.tokenizer_path)):
             if not os.path.isfile(self.tokenizer_path):
                 raise FileNotFoundError(
                     f"no caption tokenizer at {self.tokenizer_path}; train one on the training captions with "
