@@ -59,13 +59,14 @@ INTENDED = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
 )
 
-USAGE = """usage: vitx {fit,validate,test,predict,data,analyze} ...
+USAGE = """usage: vitx {fit,validate,test,predict,data,analyze,zeroshot} ...
 
   fit                 train: vitx fit --config conf/vit/pretrain.yaml [--config conf/trainer/ddp.yaml] [--model.optim.lr 5e-4]
   validate|test       evaluate a checkpoint: vitx validate --config conf/vit/pretrain.yaml --ckpt_path RUN/checkpoints/last.ckpt
   predict             predictions of a checkpoint on the data module's predict set
   data                write or inspect shards: vitx data --help
   analyze             attention distance, position similarity, rollout, filters of a checkpoint: vitx analyze --help
+  zeroshot            zero-shot accuracy and retrieval of a CLIP checkpoint on a class folder or shards: vitx zeroshot --help
 
   vitx fit --help lists every option of the trainer, the model and the data (add --model.help CLASS for a task's).
 """
@@ -248,18 +249,13 @@ class VitxCLI(LightningCLI):
     def _resume_command(self, saved_config: Optional[str] = None) -> str:
         """The command line without its --ckpt_path; a piped config, gone once read, replaced by the run's saved
         config.yaml (the whole resolved config: what comes after it on the command line still applies on top)."""
-        args, skip = [], False
-        for i, arg in enumerate(self.argv):
-            if i in self.piped:
-                arg = saved_config or self.piped[i]
-                arg = "--config=" + arg if self.argv[i].startswith("--config=") else arg
-            if skip:
-                skip = False
-            elif arg == "--ckpt_path":
-                skip = True
-            elif not arg.startswith("--ckpt_path="):
-                args.append(arg)
-        return "vitx " + " ".join(shlex.quote(a) for a in args)
+        from vit_experiments.callbacks.interruption import without_ckpt_path
+
+        argv = list(self.argv)
+        for i in self.piped:
+            arg = saved_config or self.piped[i]
+            argv[i] = "--config=" + arg if self.argv[i].startswith("--config=") else arg
+        return "vitx " + " ".join(shlex.quote(a) for a in without_ckpt_path(argv))
 
     def _variant_from_command_line(self, model: Namespace) -> None:
         flags = _flag_paths(self.argv)
@@ -327,6 +323,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         from vit_experiments.analyze import main_analyze
 
         sys.exit(main_analyze(argv[1:]))
+    if verb == "zeroshot":
+        from vit_experiments.zeroshot import main_zeroshot
+
+        sys.exit(main_zeroshot(argv[1:]))
     if verb in (None, "help", "-h", "--help") or verb not in TRAINING_VERBS:
         print(USAGE, file=sys.stdout if verb in ("-h", "--help", "help") else sys.stderr)
         sys.exit(0 if verb in (None, "help", "-h", "--help") else 2)

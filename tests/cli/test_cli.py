@@ -86,7 +86,7 @@ def test_help_lists_every_verb(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     described = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.strip()]
-    for verb in ("fit", "validate", "test", "predict", "data", "analyze"):
+    for verb in ("fit", "validate", "test", "predict", "data", "analyze", "zeroshot"):
         assert any(verb in d.split("|") for d in described), f"{verb} is not described in {out}"
 
 

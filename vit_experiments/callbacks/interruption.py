@@ -48,16 +48,22 @@ from vit_experiments.callbacks.run_guard import NonFiniteLossError, NoTrainingPr
 COORDINATED = (SIGTERMException, NonFiniteLossError, NoTrainingProgressError)
 
 
-def default_resume_command() -> str:
-    """This process's own command line without its --ckpt_path, e.g. `vitx fit --config conf/vit/pretrain.yaml`."""
+def without_ckpt_path(argv: list[str]) -> list[str]:
+    """A command line without its --ckpt_path (the resume command adds the checkpoint to resume)."""
     args, skip = [], False
-    for arg in sys.argv[1:]:
+    for arg in argv:
         if skip:
             skip = False
         elif arg == "--ckpt_path":
             skip = True
         elif not arg.startswith("--ckpt_path="):
             args.append(arg)
+    return args
+
+
+def default_resume_command() -> str:
+    """This process's own command line without its --ckpt_path, e.g. `vitx fit --config conf/vit/pretrain.yaml`."""
+    args = without_ckpt_path(sys.argv[1:])
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "vitx"
     if prog.endswith(".py") or prog == "-c":
         prog = f"{os.path.basename(sys.executable)} {sys.argv[0]}"
