@@ -4,6 +4,11 @@ Both are thin: they resolve shard patterns, read the size and class files, build
 with the right `SampleDecoder`, and wrap it in a `StreamLoader`. Batches leave the loader as uint8 images
 (normalise and flip them on the accelerator with `transforms.normalize` / `transforms.random_hflip`).
 
+Runs resume exactly: every checkpoint holds the training loader's position (every rank's, in its epoch; the
+datamodule's `state_dict`), and a fit resumed from it reads exactly the batches an uninterrupted fit would, with
+the same samples, order and augmentation, in that epoch and the following ones. The datamodule tells the loader
+how many of the epoch's batches the trainer has used (`_train_batches_done`).
+
 Under data parallelism validation batches may contain padding so that every rank runs the same number of
 batches: image-label padding has label IGNORE_INDEX (-100), image-text padding has valid=False. Metrics
 that skip padding equal their single-process values.
@@ -118,6 +123,8 @@ class _StreamingDataModule(L.LightningDataModule):
         self.save_hyperparameters({**shared, **own})
         self._streams: dict[str, ShardStream] = {}
         self._class_names: Optional[list[str]] = None
+        self._train_loader: Optional[StreamLoader] = None
+        self._train_state: Optional[dict[str, Any]] = None  # from a checkpoint, for the next training loader
 
     # -- subclasses provide --------------------------------------------------------------------------------
     def _decoder(self, train: bool) -> Any:
@@ -174,7 +181,33 @@ class _StreamingDataModule(L.LightningDataModule):
             pin_memory=pin,
             persistent_workers=hp.persistent_workers,
             prefetch_factor=hp.prefetch_factor,
+            batches_done=self._train_batches_done if split == "train" else None,
+            epoch=self._train_epoch if split == "train" else None,
         )
+
+    def _train_epoch(self) -> Optional[int]:
+        """The trainer's epoch, which a training pass reads (None outside a trainer). Lightning names the epoch to
+        the loader's sampler from its `processed` count, which after resuming an iteration-based fit (max_steps)
+        from an epoch-end checkpoint runs one ahead of `current_epoch` for the rest of the run."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else None
+
+    def _train_batches_done(self) -> Optional[int]:
+        """The training batches of this epoch that a checkpoint saved now counts as done: the batch counter a fit
+        resumed from it starts at (None outside a trainer). A checkpoint saved in `on_train_batch_end` (every
+        `every_n_train_steps`, after the optimizer step) holds that batch's update, and Lightning resumes after it;
+        anywhere else it resumes after the last batch whose hooks all ran. The loader has usually handed out more:
+        DataLoader workers run ahead, and Lightning fetches a batch ahead of the step when the epoch length is
+        unknown. With gradient accumulation, a checkpoint between two optimizer steps (only an interruption saves
+        one) resumes after the last batch too, as Lightning does, without the partial window's gradients."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        done, total = progress.current.completed, progress.total
+        if total.ready == total.started == total.processed == total.completed + 1:
+            done += 1  # Lightning's own test for a restart "on train batch end" (_TrainingEpochLoop.update_restart_stage)
+        return done
 
     def setup(self, stage: Optional[str] = None) -> None:
         # fail before training starts, with the pattern in the message, when shards are missing
@@ -183,9 +216,31 @@ class _StreamingDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.hparams.val_shards:
             self._urls("val")
         self._streams.clear()  # rank/world may have changed since a previous setup
+        self._train_loader = None  # a previous fit's: a checkpoint restored from here on is for the next one
 
     def train_dataloader(self) -> StreamLoader:
-        return self._loader("train")
+        self._train_loader = self._loader("train")
+        if self._train_state is not None:
+            self._train_loader.load_state_dict(self._train_state)
+            self._train_state = None
+        return self._train_loader
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """{"train_loader": the training loader's position} (plain types), saved in every checkpoint; a collective
+        under torch.distributed, as the checkpoint itself is. Empty before a training loader exists."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training stream where the checkpoint left it (Lightning calls this when it restores one):
+        into the training loader if it exists already, else into the one `train_dataloader` makes next."""
+        saved = state_dict.get("train_loader")
+        if saved is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.load_state_dict(saved)
+        else:
+            self._train_state = saved
 
     def val_dataloader(self) -> StreamLoader | list:
         # no validation shards: an empty list, which Lightning takes as "skip validation"

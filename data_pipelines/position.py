@@ -11,8 +11,9 @@ worker slots are rotated for the resumed epoch (torch's worker i reads slot (i +
 without decoding (reading bytes and shuffling only) and goes on from there; the skipped samples' bookkeeping
 is restored rather than recounted.
 
-The state of a rank is a plain dict of ints (see `StreamPosition.state`); each rank saves its own and loads it
-back under the same world size and number of dataloader workers.
+The state of a rank is a plain dict of ints (see `StreamPosition.state`); each rank loads its own back under the
+same world size and number of dataloader workers. A checkpoint is written by one process, so the loader's state
+holds every rank's (`gather_ranks`, a collective: every rank saves a checkpoint at the same step anyway).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 PROGRESS_RING = 64  # batches per worker whose position is kept: far more than any prefetching holds back
 STATE_VERSION = 1
@@ -81,10 +83,21 @@ class StreamPosition:
     def note(self, torch_worker: int) -> None:
         self.yielded.append(self.slot(torch_worker))
 
+    def handed_out(self) -> tuple[int, int]:
+        """(batches of this epoch read before this process resumed it, batches handed out this epoch in all)."""
+        before = sum(self.base)
+        return before, before + len(self.yielded)
+
     def state(self, epoch: int, rank: int, world_size: int, batches_done: Optional[int] = None) -> dict[str, Any]:
-        k = len(self.yielded) if batches_done is None else int(batches_done)
+        """The position after `batches_done` batches of the epoch (counting those read before a resume, as a
+        resumed trainer's batch counter does); default: every batch handed out."""
+        before = self.handed_out()[0]  # batches of this epoch read by the run whose state this one resumed
+        k = len(self.yielded) if batches_done is None else int(batches_done) - before
         if not 0 <= k <= len(self.yielded):
-            raise ValueError(f"batches_done={batches_done}: the loader handed out {len(self.yielded)} batches this epoch")
+            raise ValueError(
+                f"batches_done={batches_done}: the loader handed out {before + len(self.yielded)} batches this epoch"
+                + (f", {before} of them before it resumed" if before else "")
+            )
         workers = []
         for w in range(self.num_workers):
             made = self.base[w] + self.yielded[:k].count(w)
@@ -101,6 +114,13 @@ class StreamPosition:
             "world_size": world_size, "num_workers": self.num_workers, "next_worker": next_worker, "workers": workers,
         }
 
+    def epoch_start(self, epoch: int, rank: int, world_size: int) -> dict[str, Any]:
+        """The state of an epoch not begun yet: loading it reads that epoch whole."""
+        return {
+            "version": STATE_VERSION, "epoch": int(epoch), "batches": 0, "rank": rank, "world_size": world_size,
+            "num_workers": self.num_workers, "next_worker": 0, "workers": [[0] * 5 for _ in range(self.num_workers)],
+        }
+
     def load(self, state: dict[str, Any], rank: int, world_size: int) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown stream state version {state.get('version')!r}")
@@ -112,3 +132,19 @@ class StreamPosition:
                 "num_workers (each rank loads its own state)"
             )
         self.pending = state
+
+
+def gather_ranks(own: dict[str, Any], world_size: int) -> list[Optional[dict[str, Any]]]:
+    """Every rank's state, indexed by rank: gathered over the default process group (every rank must call this at
+    the same time), or only this rank's (the others None) when there is no process group of that size."""
+    if world_size == 1:
+        return [own]
+    gathered: list[Optional[dict[str, Any]]] = [own]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world_size:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, own)
+    states: list[Optional[dict[str, Any]]] = [None] * world_size
+    for state in gathered:
+        if state is not None:
+            states[state["rank"]] = state  # by the stream's own rank, whatever the process group's numbering
+    return states

@@ -24,10 +24,12 @@ from typing import Optional, Sequence
 import lightning as L
 import torch
 
+from data_pipelines.constants import IGNORE_INDEX
 from data_pipelines.metadata import read_classes
 from data_pipelines.samples import ImageLabelDecoder, ImageTextDecoder
-from data_pipelines.streaming import IGNORE_INDEX, ShardStream, StreamLoader, expand_urls
+from data_pipelines.streaming import ShardStream, StreamLoader
 from data_pipelines.transforms import normalize
+from data_pipelines.urls import expand_urls
 from vit_experiments.evaluation import DEFAULT_TEMPLATES, retrieval_recall, topk_accuracy, zeroshot_classifier
 
 
