@@ -114,3 +114,28 @@ def test_layer_decay_numbers_the_layers_of_every_backbone(name):
     else:
         assert scales[id(params["logit_scale"])] == 1.0
         assert scales[id(params["visual.patch_embed.proj.weight"])] == scales[id(params["text.token_embedding.weight"])]
+
+
+def test_batch_augmentation_resumes_with_the_checkpoint(tmp_path):
+    """The draws of batch augmentation are keyed by the training-batch count the checkpoint holds, so a restored
+    task flips (and mixes, erases, ...) its next batch as the uninterrupted one does, whatever the global RNG."""
+    from types import SimpleNamespace
+
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.zeros(16, dtype=torch.long)
+
+    def next_batch(task):
+        task._trainer = SimpleNamespace(training=True, global_rank=0)
+        return task.on_after_batch_transfer((images, labels), 0)[0]
+
+    first = TASKS["vit"]()
+    for _ in range(3):
+        next_batch(first)
+    ckpt = {"state_dict": first.state_dict()}
+    first.on_save_checkpoint(ckpt)
+    expected = next_batch(first)
+    restored = TASKS["vit"]()
+    restored.on_load_checkpoint(ckpt)
+    torch.manual_seed(123)  # another global stream: no effect
+    torch.testing.assert_close(next_batch(restored), expected)
+    assert not torch.equal(next_batch(restored), expected)  # the next batch gets new draws

@@ -74,7 +74,6 @@ def fit_args(tmp: Path, name: str, data: tuple[str, str], accumulate: int, callb
         "--data.batch_size", str(BATCH), "--data.num_workers", "2", "--data.shuffle_buffer", "16",
         "--model.vit.image_size", "16", "--model.vit.embed_dim", "16", "--model.vit.depth", "1",
         "--model.vit.num_heads", "2", "--model.vit.mlp_dim", "32", "--model.optim.warmup_steps", "4",
-        "--model.hflip", "false",  # flips draw from torch's global generator, which no checkpoint holds
         "--trainer.logger.init_args.save_dir", str(tmp / name / "runs"), "--trainer.accelerator", "cpu",
         "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
         "--trainer.max_epochs", str(EPOCHS),

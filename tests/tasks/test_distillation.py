@@ -231,8 +231,9 @@ def test_training_batch_gets_mixed_targets_and_keeps_its_size(cnn_ckpt):
     torch.manual_seed(0)
     task = distiller(cnn_ckpt, augment=DeiTAugment(repeats=2))
 
-    class Training:  # the one trainer attribute the hook reads
+    class Training:  # the trainer attributes the hook reads
         training = True
+        global_rank = 0
 
     task.trainer = Training()
     task._trainer = task.trainer

@@ -21,6 +21,7 @@ and implements `training_step`, `evaluate(batch, stage)` and, if it augments, `p
 from __future__ import annotations
 
 import dataclasses
+import os
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator, Optional, Sequence
@@ -105,6 +106,7 @@ class VisionTask(L.LightningModule):
         self.mean, self.std = _triple(mean, "mean"), _triple(std, "std")
         self.class_names: Optional[list[str]] = None
         self.init_notes: list[str] = []
+        self.augmented_batches = 0  # training batches prepared so far: the key of their augmentation draws
         # the stage this task is built to be restored for (`restoring`), None for a fresh start: files that only
         # give a starting state (init_from, a tokenizer the checkpoint carries) need not be read then
         self.restored_for: Optional[str] = restoring_stage()
@@ -195,7 +197,17 @@ class VisionTask(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         training = self._trainer is not None and self.trainer.training
-        return self.prepare_batch(batch, training)
+        if not training:
+            return self.prepare_batch(batch, training)
+        # the random draws of batch augmentation are a function of (seed, rank, training batch number), which the
+        # checkpoint holds, so a resumed run augments its batches exactly as an uninterrupted one (Lightning saves
+        # no random generator state); the global generator itself is left as it was
+        seed = hash((int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank, self.augmented_batches)) % 2**63
+        self.augmented_batches += 1
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self.prepare_batch(batch, training)
 
     def prepare_batch(self, batch: Any, training: bool) -> Any:
         """uint8 images -> normalised float32 on the accelerator; flipped left-right in training when the task
@@ -260,7 +272,8 @@ class VisionTask(L.LightningModule):
         mean, std = self.normalization
         return {"format": FORMAT_VERSION, "task": f"{cls.__module__}.{cls.__qualname__}",
                 **network_metadata(self.network_config()),
-                "normalization": {"mean": list(mean), "std": list(std)}, "class_names": self.class_names}
+                "normalization": {"mean": list(mean), "std": list(std)}, "class_names": self.class_names,
+                "augmented_batches": self.augmented_batches}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[METADATA_KEY] = self.checkpoint_metadata()
@@ -270,5 +283,6 @@ class VisionTask(L.LightningModule):
         norm = meta.get("normalization")
         if norm and not self.given_normalization:  # the model keeps the normalisation it was trained with
             self.set_normalization(norm["mean"], norm["std"])
+        self.augmented_batches = int(meta.get("augmented_batches") or 0)
         if meta.get("class_names") and not self.class_names:
             self.class_names = list(meta["class_names"])
