@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO))
 
 from data_pipelines.metadata import write_sizes  # noqa: E402
 from data_pipelines.samples import ImageLabelDecoder  # noqa: E402
-from data_pipelines.streaming import ShardStream, StreamLoader  # noqa: E402
+from data_pipelines.loader import StreamLoader  # noqa: E402
+from data_pipelines.streaming import ShardStream  # noqa: E402
 from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box  # noqa: E402
 from data_pipelines.writers import ShardSink  # noqa: E402
 

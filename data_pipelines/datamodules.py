@@ -27,7 +27,8 @@ from .demo import write_demo_corpus
 from .metadata import read_classes, unlisted_shards
 from .samples import ImageLabelDecoder, ImageTextDecoder
 from .shards import BACKOFF, RETRIES
-from .streaming import ShardStream, StreamLoader
+from .loader import StreamLoader
+from .streaming import ShardStream
 from .transforms import MAX_IMAGE_PIXELS, mean_std
 from .urls import expand_urls
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from data_pipelines.samples import ImageLabelDecoder
-from data_pipelines.streaming import ShardStream, StreamLoader
+from data_pipelines.loader import StreamLoader
+from data_pipelines.streaming import ShardStream
 
 from .conftest import jpeg, write_tar
 

@@ -12,7 +12,8 @@ from data_pipelines.constants import IGNORE_INDEX
 from data_pipelines.metadata import write_sizes
 from data_pipelines.planner import plan_slot, shard_order
 from data_pipelines.samples import ImageLabelDecoder
-from data_pipelines.streaming import ShardStream, StreamLoader
+from data_pipelines.loader import StreamLoader
+from data_pipelines.streaming import ShardStream
 from data_pipelines.urls import expand_urls
 
 from .conftest import jpeg, write_tar

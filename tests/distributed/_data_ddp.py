@@ -40,7 +40,8 @@ def val_metric_reference() -> float:
 def _plain_worker(rank: int, world: int, init_file: str, train: str, val: str, out: str) -> None:
     from data_pipelines.constants import IGNORE_INDEX
     from data_pipelines.samples import ImageLabelDecoder
-    from data_pipelines.streaming import ShardStream, StreamLoader
+    from data_pipelines.loader import StreamLoader
+    from data_pipelines.streaming import ShardStream
 
     torch.set_num_threads(1)
     # a timeout turns a hang (ranks with different batch counts at a collective) into an error

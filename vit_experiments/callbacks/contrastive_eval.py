@@ -27,7 +27,8 @@ import torch
 from data_pipelines.constants import IGNORE_INDEX
 from data_pipelines.metadata import read_classes
 from data_pipelines.samples import ImageLabelDecoder, ImageTextDecoder
-from data_pipelines.streaming import ShardStream, StreamLoader
+from data_pipelines.loader import StreamLoader
+from data_pipelines.streaming import ShardStream
 from data_pipelines.transforms import normalize
 from data_pipelines.urls import expand_urls
 from vit_experiments.evaluation import DEFAULT_TEMPLATES, retrieval_recall, topk_accuracy, zeroshot_classifier
