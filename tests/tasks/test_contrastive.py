@@ -133,16 +133,12 @@ def tiny_task(**optim) -> ContrastivePretraining:
     return ContrastivePretraining(clip, optim=OptimConfig(**optim))
 
 
-class PushTemperatureUp(ContrastivePretraining):
-    """A loss that always asks for a larger logit scale, so every step overshoots the ceiling."""
-
-    def training_step(self, batch, batch_idx):
-        return super().training_step(batch, batch_idx) - 100.0 * self.model.logit_scale
-
-
 def test_clamp_holds_after_every_step_with_a_huge_learning_rate(corpus, tmp_path):
-    task = PushTemperatureUp(tiny_task().model.cfg, tokenizer=str(corpus / "tokenizer.json"),
-                             optim=OptimConfig(lr=10.0, warmup_steps=0))
+    """The shipped task with a fault injected into its temperature's gradient: every step asks for a larger logit
+    scale and overshoots the ceiling."""
+    task = ContrastivePretraining(tiny_task().model.cfg, tokenizer=str(corpus / "tokenizer.json"),
+                                  optim=OptimConfig(lr=10.0, warmup_steps=0))
+    task.model.logit_scale.register_hook(lambda grad: grad - 100.0)  # descent now raises the logit scale
     seen = []
 
     class Record(L.Callback):
