@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -103,11 +104,13 @@ def network_metadata(config: NetworkConfig) -> dict[str, Any]:
 
 Reader = Callable[[Any, str], Optional[CheckpointInfo]]
 READERS: list[Reader] = []
+FALLBACK_READERS: list[Reader] = []  # tried after every other reader: they accept anything that looks like weights
 
 
-def register_reader(reader: Reader) -> Reader:
-    """Add a reader for another layout (tried after the ones already registered)."""
-    READERS.append(reader)
+def register_reader(reader: Reader, fallback: bool = False) -> Reader:
+    """Add a reader for another layout. A reader returns None for contents it does not recognise. Readers are
+    tried in registration order, the fallbacks (fallback=True) last."""
+    (FALLBACK_READERS if fallback else READERS).append(reader)
     return reader
 
 
@@ -145,7 +148,7 @@ def _guess_family(state: dict) -> Optional[str]:
     return None
 
 
-@register_reader
+@partial(register_reader, fallback=True)
 def read_state_dict(contents: Any, path: str) -> Optional[CheckpointInfo]:
     """Bare weights saved with torch.save(model.state_dict()) in vitx's (the common) key layout, or a Lightning
     checkpoint of another program whose network sits under `model.`."""
@@ -163,7 +166,7 @@ def read_state_dict(contents: Any, path: str) -> Optional[CheckpointInfo]:
 def read_checkpoint(path: str, trust: bool = False) -> CheckpointInfo:
     """Describe the checkpoint at `path` (see the module docstring)."""
     contents = load_file(path, trust=trust)
-    for reader in READERS:
+    for reader in READERS + FALLBACK_READERS:
         info = reader(contents, str(path))
         if info is not None:
             return info

@@ -6,11 +6,36 @@ residual; LayerNorm -> MLP -> residual. Stochastic depth is from Huang et al. 20
 Stochastic Depth"). There is exactly one attention implementation here so that all three families share it.
 """
 
-from typing import Optional, Type
+from functools import partial
+from typing import Callable, Optional, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP models were trained with (Radford et al. 2021).
+    Their weights give other outputs under the exact GELU, so an imported OpenAI model must keep this one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+# the MLP activations a config can name: "gelu" (ViT, DeiT, open_clip), "gelu_tanh" (the tanh approximation some
+# ports use), "quick_gelu" (OpenAI's CLIP)
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": partial(nn.GELU, approximate="tanh"),
+    "quick_gelu": QuickGELU,
+}
+
+
+def activation(name: str) -> Callable[[], nn.Module]:
+    """The activation class registered under `name`, with an error that lists the valid names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 def merge_masks(

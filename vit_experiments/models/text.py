@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from vit_experiments.models.layers import Block, block_param_layer
+from vit_experiments.models.layers import Block, activation, block_param_layer
 
 
 @dataclass
@@ -39,6 +39,8 @@ class TextConfig:
     """CLIP's LayerNorm epsilon (PyTorch's default)"""
     drop_rate: float = 0.0
     """dropout in the blocks; CLIP trains without"""
+    act: str = "gelu"
+    """MLP activation: "gelu" (open_clip's default), "gelu_tanh", or "quick_gelu" (OpenAI's CLIP weights need it)"""
 
     def __post_init__(self):
         if self.mlp_dim is None:
@@ -52,6 +54,7 @@ class TextConfig:
             )
         if not 0 <= self.eot_token_id < self.vocab_size:
             raise ValueError(f"text.eot_token_id {self.eot_token_id} is outside the vocabulary [0, {self.vocab_size})")
+        activation(self.act)  # raises for an unknown name
 
 
 class TextTransformer(nn.Module):
@@ -67,7 +70,8 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))  # (T, W)
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.num_heads, cfg.mlp_dim, drop=cfg.drop_rate, norm_eps=cfg.norm_eps)
+            Block(cfg.width, cfg.num_heads, cfg.mlp_dim, drop=cfg.drop_rate, norm_eps=cfg.norm_eps,
+                  act_layer=activation(cfg.act))
             for _ in range(cfg.depth)
         )
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)

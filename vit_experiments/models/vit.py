@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from vit_experiments.models.layers import Block, PatchEmbed, block_param_layer
+from vit_experiments.models.layers import Block, PatchEmbed, activation, block_param_layer
 from vit_experiments.models.pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 
 # name -> (depth, embed_dim, mlp_dim, num_heads), from the ViT paper (Table 1) and DeiT (Ti, S)
@@ -96,6 +96,8 @@ class ViTConfig:
     """stochastic depth rate of the last block; rises linearly from 0 at the first (DeiT uses 0.1)"""
     head_init_zero: bool = False
     """zero-initialise the head (the ViT paper's fine-tuning recipe: start from uniform predictions)"""
+    act: str = "gelu"
+    """MLP activation: "gelu" (ViT, DeiT), "gelu_tanh", or "quick_gelu" (OpenAI's CLIP weights need it)"""
 
     def __post_init__(self):
         if self.variant is not None:
@@ -136,6 +138,7 @@ class ViTConfig:
             raise ValueError(f"num_distill_tokens must be 0 or 1 (DeiT), got {self.num_distill_tokens}")
         if self.num_distill_tokens and not self.class_token:
             raise ValueError("a distillation token needs the class token as well (DeiT); set class_token=True")
+        activation(self.act)  # raises for an unknown name
         if self.pos_embed_type not in ("learn", "sincos"):
             raise ValueError(f"pos_embed_type must be 'learn' or 'sincos', got {self.pos_embed_type!r}")
         if self.pos_embed_type == "sincos" and self.embed_dim % 4 != 0:
@@ -180,7 +183,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(
                 D, cfg.num_heads, cfg.mlp_dim, qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate,
-                attn_drop=cfg.attn_drop_rate, drop_path=rate, norm_eps=cfg.norm_eps,
+                attn_drop=cfg.attn_drop_rate, drop_path=rate, norm_eps=cfg.norm_eps, act_layer=activation(cfg.act),
             )
             for rate in rates
         )
