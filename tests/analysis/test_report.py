@@ -85,3 +85,18 @@ def test_bad_inputs_say_what_to_do():
         analyze_model(model, torch.zeros(1, 3, 48, 48))
     with pytest.raises(ValueError, match="unknown figure"):
         analyze_model(model, torch.zeros(1, 3, 32, 32), figures=("nope",))
+
+
+def test_scalars_name_every_layer_from_the_result():
+    from vit_experiments.analysis.report import scalars
+
+    r = analyze_model(tiny_vit(), torch.randn(2, 3, 32, 32), figures=False)
+    tags = scalars(r)
+    for i in (1, 2, 3):
+        layer = f"layer_{i:02d}"
+        assert tags[f"analysis/attention_distance/{layer}"] == pytest.approx(float(r["distance_mean"][i - 1]))
+        assert tags[f"analysis/attention_distance_max/{layer}"] == pytest.approx(float(r["distance_max"][i - 1]))
+        assert tags[f"analysis/prefix_attention/{layer}"] == pytest.approx(float(r["prefix_attention"][i - 1].mean()))
+    assert tags["analysis/position_embedding/topology_score"] == pytest.approx(r["topology_score"])
+    assert "analysis/attention_distance/layer_04" not in tags
+    assert all(isinstance(v, float) and math.isfinite(v) for v in tags.values())

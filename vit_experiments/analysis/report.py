@@ -188,6 +188,71 @@ def _figure(result: Dict[str, Any], name: str):
     return None
 
 
+def _finite(x: Any) -> bool:
+    return x is not None and bool(np.isfinite(float(x)))
+
+
+def scalars(result: Dict[str, Any]) -> Dict[str, float]:
+    """Every scalar of an analyze_model result, as TensorBoard tags (layers numbered from 1, layer_01 = blocks[0]).
+
+    analysis/attention_distance/layer_XX       mean attention distance (pixels), mean over the heads
+    analysis/attention_distance_min/layer_XX   ... the head with the shortest distance
+    analysis/attention_distance_max/layer_XX   ... the head with the longest
+    analysis/prefix_attention/layer_XX         share of patch queries' attention on the prefix tokens, mean over heads
+    analysis/position_embedding/topology_score corr(cosine similarity, -grid distance) over patch pairs
+    analysis/attention_entropy/layer_XX        attention entropy (nats), mean over heads
+    analysis/attention_entropy_min/layer_XX    ... the lowest head (collapse shows here first)
+    analysis/attention_logit_max/layer_XX      largest pre-softmax attention logit of the layer
+    analysis/attention_nmi/layer_XX            normalised mutual information of query and key position, mean over heads
+    analysis/outlier_tokens/layer_XX           share of patch tokens with an outlier norm
+    analysis/cka_adjacent/layer_XX             linear CKA between layer XX and layer XX - 1 (layer_01: the embedding)
+    analysis/probe_cls/layer_XX                linear-probe test accuracy on the class token
+    analysis/probe_patch/layer_XX              linear-probe test accuracy on the mean patch token
+    analysis/cka_compare/diagonal_mean         mean CKA of layer i of the model with layer i of the compared one
+    Non-finite values (e.g. a layer without patch queries) are left out; results without an analysis give no tags.
+    """
+    out: Dict[str, float] = {}
+
+    def per_layer(name: str, values: Any) -> None:
+        if values is None:
+            return
+        for i, v in enumerate(np.asarray(values, dtype=np.float64).reshape(-1)):
+            if np.isfinite(v):
+                out[f"analysis/{name}/layer_{i + 1:02d}"] = float(v)
+
+    per_layer("attention_distance", result.get("distance_mean"))
+    per_layer("attention_distance_min", result.get("distance_min"))
+    per_layer("attention_distance_max", result.get("distance_max"))
+    if result.get("prefix_attention") is not None:
+        per_layer("prefix_attention", np.asarray(result["prefix_attention"]).mean(axis=1))
+    if _finite(result.get("topology_score")):
+        out["analysis/position_embedding/topology_score"] = float(result["topology_score"])
+    entropy = result.get("entropy")
+    if entropy:
+        per_layer("attention_entropy", np.asarray(entropy["entropy"]).mean(axis=1))
+        per_layer("attention_entropy_min", np.asarray(entropy["entropy"]).min(axis=1))
+        per_layer("attention_logit_max", entropy.get("logit_max"))
+        if entropy.get("nmi") is not None:
+            per_layer("attention_nmi", np.asarray(entropy["nmi"]).mean(axis=1))
+    outliers = result.get("outlier_tokens")
+    if outliers:
+        per_layer("outlier_tokens", outliers["share"])
+    cka = result.get("cka")
+    if cka and cka.get("within") is not None:
+        within = np.asarray(cka["within"])  # (L + 1, L + 1), index 0 = the embedding
+        per_layer("cka_adjacent", [within[i + 1, i] for i in range(within.shape[0] - 1)])
+    if cka and cka.get("compare") is not None:
+        cross = np.asarray(cka["compare"])
+        n = min(cross.shape)
+        if _finite(np.mean(np.diag(cross)[:n])):
+            out["analysis/cka_compare/diagonal_mean"] = float(np.mean(np.diag(cross)[:n]))
+    probe = result.get("probe")
+    if probe:
+        per_layer("probe_cls", probe.get("cls_accuracy"))
+        per_layer("probe_patch", probe.get("patch_accuracy"))
+    return out
+
+
 def _jsonable(x: Any, ndigits: int = 6) -> Any:
     if isinstance(x, (np.ndarray, torch.Tensor)):
         return _jsonable(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x).tolist(), ndigits)
