@@ -50,6 +50,27 @@ def test_attention_paths_agree_with_reference(mask_kind):
         assert torch.all(probs.masked_select(torch.ones(T, T, dtype=torch.bool).triu(1)) == 0)
 
 
+def test_attention_returns_the_largest_pre_softmax_logit():
+    torch.manual_seed(0)
+    B, T, D = 2, 6, 16
+    attn = Attention(D, num_heads=4).eval()
+    x = torch.randn(B, T, D)
+    q, k, _ = attn.qkv(x).split(D, dim=-1)  # each (B, T, D)
+    ref = torch.stack([(q[..., i * 4:(i + 1) * 4] @ k[..., i * 4:(i + 1) * 4].transpose(1, 2) / 2).amax(dim=(1, 2))
+                       for i in range(4)], dim=1)  # (B, heads): head_dim 4, scale 1/2
+    out, probs, logit_max = attn(x, return_attention=True, return_logit_max=True)
+    torch.testing.assert_close(logit_max, ref)
+    out2, probs2 = attn(x, return_attention=True)
+    torch.testing.assert_close(out, out2)
+    torch.testing.assert_close(probs, probs2)
+    block = Block(D, 4, 32).eval()
+    y, p, m = block(x, return_attention=True, return_logit_max=True)
+    assert p.shape == (B, 4, T, T) and m.shape == (B, 4)
+    torch.testing.assert_close(y, block(x))
+    with pytest.raises(ValueError, match="return_attention"):
+        attn(x, return_logit_max=True)
+
+
 def test_attention_width_must_divide_heads():
     with pytest.raises(ValueError, match="num_heads 5"):
         Attention(16, num_heads=5)

@@ -65,7 +65,9 @@ class Attention(nn.Module):
 
     Two paths with equal outputs: the default calls F.scaled_dot_product_attention (flash / memory-efficient
     kernels on GPU); `return_attention=True` computes softmax(q k^T / sqrt(d)) explicitly and also returns the
-    probabilities, which the analyses (attention distance, rollout) need.
+    probabilities, which the analyses (attention distance, rollout) need, and with `return_logit_max=True` the
+    largest pre-softmax logit per sample and head, which the probabilities cannot give back (its growth warns of
+    divergence: Zhai et al. 2023).
     """
 
     def __init__(
@@ -89,11 +91,16 @@ class Attention(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
         return_attention: bool = False,
+        return_logit_max: bool = False,
     ):
         """x: (B, T, D). attn_mask: bool (True = may attend) or additive float, broadcastable to (B, heads, T, T).
 
-        Returns (B, T, D), or ((B, T, D), (B, heads, T, T) probabilities before dropout) with return_attention.
+        Returns (B, T, D), or ((B, T, D), (B, heads, T, T) probabilities before dropout) with return_attention;
+        return_logit_max (with return_attention) adds a third element, (B, heads): the largest logit the softmax
+        saw (scaled q.k plus the mask) over queries and keys.
         """
+        if return_logit_max and not return_attention:
+            raise ValueError("return_logit_max needs return_attention=True (the fused path never forms the logits)")
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
@@ -113,6 +120,8 @@ class Attention(nn.Module):
             )  # (B, heads, T, head_dim)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D) heads concatenated
         out = self.proj_drop(self.proj(out))
+        if return_logit_max:
+            return out, probs, scores.detach().amax(dim=(-2, -1))  # (B, heads)
         return (out, probs) if return_attention else out
 
 
@@ -185,13 +194,16 @@ class Block(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
         return_attention: bool = False,
+        return_logit_max: bool = False,
     ):
-        """x: (B, T, D) -> (B, T, D), or ((B, T, D), (B, heads, T, T)) with return_attention."""
-        a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, return_attention=return_attention)
-        a, probs = a if return_attention else (a, None)
+        """x: (B, T, D) -> (B, T, D), or ((B, T, D), (B, heads, T, T)) with return_attention, plus the attention's
+        (B, heads) logit maxima with return_logit_max."""
+        a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, return_attention=return_attention,
+                      return_logit_max=return_logit_max)
+        a, *extra = a if return_attention else (a,)  # extra: [probs] or [probs, logit_max]
         x = x + self.drop_path1(a)  # (B, T, D)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))  # (B, T, D)
-        return (x, probs) if return_attention else x
+        return (x, *extra) if return_attention else x
 
 
 def block_param_layer(name: str, embedding_prefixes: tuple[str, ...], depth: int) -> int:
