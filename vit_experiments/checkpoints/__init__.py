@@ -4,6 +4,11 @@
     info.family, info.config, info.normalization, info.class_names   # what the file is
     model = info.build()                                               # the network with its weights
     load_weights(other_model, info)                                    # fine-tuning: adapted to other_model
+
+`read_checkpoint` takes a file or a folder (io.load_file says what each kind of file gives a reader) and tries the
+registered readers (info.py says what a reader is): vitx's own checkpoints, then the readers of other libraries'
+layouts, imported below so that they register, then bare state dicts. A new layout is a module with a reader
+registered by `register_reader`, and one import line below.
 """
 
 from vit_experiments.checkpoints.adapt import load_weights
@@ -17,9 +22,11 @@ from vit_experiments.checkpoints.info import (
     read_checkpoint,
     register_reader,
 )
-from vit_experiments.checkpoints.io import load_file
+from vit_experiments.checkpoints.io import LoadedDirectory, load_file
+
+# the readers of other libraries' layouts: importing a module registers its readers, in this order
 
 __all__ = [
-    "METADATA_KEY", "CheckpointInfo", "build_network", "config_from_dict", "family_of", "load_file",
+    "METADATA_KEY", "CheckpointInfo", "LoadedDirectory", "build_network", "config_from_dict", "family_of", "load_file",
     "load_weights", "network_metadata", "read_checkpoint", "register_reader",
 ]

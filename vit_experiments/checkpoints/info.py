@@ -5,9 +5,18 @@ configuration when the file names one, its weights in the network's own key layo
 trained with, its class names and its caption tokenizer. Fine-tuning, DeiT teachers, `vitx validate/test` and
 `vitx analyze` all read weights through it.
 
-A reader is a function `(contents, path) -> CheckpointInfo | None`, tried in the order of `READERS`; the first
-that recognises the file wins. vitx's own checkpoints and plain state dicts are read here; readers for other
-libraries' layouts register themselves with `register_reader`.
+Readers. A reader is a function `(contents, path) -> CheckpointInfo | None`: `contents` is what
+`io.load_file(path)` returned (a dict from torch.load, a dict of tensors from a .safetensors file, a dict of numpy
+arrays from an .npz file, or an `io.LoadedDirectory` for a folder); it returns None when it does not recognise
+them and raises ValueError, saying what to do, when it recognises them but cannot read them. Readers are tried in
+the order they were registered with `register_reader(reader)`, then those registered with `fallback=True`
+(`read_state_dict`: any dict of tensors, without an architecture); the first that returns an info wins. vitx's
+own checkpoints are read here; the readers of other libraries' layouts live in their own modules (timm_vit,
+hf_vit, big_vision, ...), which register themselves when vit_experiments.checkpoints is imported. A reader puts
+the weights in the network's own (vitx) key layout, names its layout in `source` ("timm", "hf-vit",
+"big_vision", ...), and says in `notes` what it inferred rather than read (see infer.py). Options the user gives
+for inference (`read_checkpoint(path, num_heads=N)`, or a `#num_heads=N` suffix on the path) reach readers
+through `infer.overrides()`.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from vit_experiments.checkpoints.infer import overriding, split_path_options
 from vit_experiments.checkpoints.io import load_file
 from vit_experiments.models.clip import CLIP, CLIPConfig
 from vit_experiments.models.resnet import ResNet, ResNetConfig
@@ -38,7 +48,7 @@ class CheckpointInfo:
     """A checkpoint, described independently of the code that wrote it."""
 
     path: str
-    source: str  # "vitx" (written by a vitx task) or "state_dict" (bare weights); other readers add their own
+    source: str  # the layout: "vitx" (written by a vitx task), "state_dict" (bare weights), "timm", "hf-vit", ...
     family: Optional[str]  # "vit" (also DeiT), "resnet" or "clip"; None when the weights do not say
     config: Optional[NetworkConfig]  # None for bare weights: the caller supplies the architecture
     state_dict: dict[str, torch.Tensor]  # the network's weights, in its own key layout
@@ -49,6 +59,7 @@ class CheckpointInfo:
     hparams: dict[str, Any] = field(default_factory=dict)
     epoch: Optional[int] = None
     global_step: Optional[int] = None
+    notes: list[str] = field(default_factory=list)  # what the reader inferred or changed, for the user to check
 
     def describe(self) -> str:
         what = self.family or "unknown network"
@@ -163,12 +174,18 @@ def read_state_dict(contents: Any, path: str) -> Optional[CheckpointInfo]:
                           state_dict=dict(state))
 
 
-def read_checkpoint(path: str, trust: bool = False) -> CheckpointInfo:
-    """Describe the checkpoint at `path` (see the module docstring)."""
+def read_checkpoint(path: str, trust: bool = False, num_heads: Optional[int] = None) -> CheckpointInfo:
+    """Describe the checkpoint at `path` (a file or a folder; see the module docstring). `num_heads` (or a
+    `#num_heads=N` suffix on the path) sets the attention heads of an architecture inferred from the weights."""
+    path, options = split_path_options(str(path))
+    if num_heads is not None:
+        options["num_heads"] = num_heads
     contents = load_file(path, trust=trust)
-    for reader in READERS + FALLBACK_READERS:
-        info = reader(contents, str(path))
-        if info is not None:
-            return info
-    raise ValueError(f"{path} is not a checkpoint vitx can read: neither a vitx checkpoint (written by `vitx fit`) "
-                     "nor a state dict of tensors")
+    with overriding(**options):
+        for reader in READERS + FALLBACK_READERS:
+            info = reader(contents, str(path))
+            if info is not None:
+                return info
+    raise ValueError(f"{path} is not a checkpoint vitx can read: not a vitx checkpoint (written by `vitx fit`), "
+                     "nor ViT/DeiT weights in the timm, Hugging Face or big_vision layout, nor any layout a reader "
+                     "is registered for, nor a state dict of tensors")

@@ -2,11 +2,17 @@
 
 Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale"
 (https://arxiv.org/abs/2010.11929); the distillation token and second head from Touvron et al. 2021,
-"Training data-efficient image transformers & distillation through attention" (DeiT). The same class is CLIP's
-image tower (pre_norm=True, num_classes=0).
+"Training data-efficient image transformers & distillation through attention" (DeiT); register tokens from Darcet
+et al. 2024, "Vision Transformers Need Registers". The same class is CLIP's image tower (pre_norm=True,
+num_classes=0).
 
-Submodule and parameter names follow the common layout (patch_embed.proj, cls_token, dist_token, pos_embed,
-blocks.N.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2, norm, head, head_dist), so state dicts written in that
+Prefix tokens come in the order [class, distillation, registers], then the patches; all of them count in
+cfg.num_prefix_tokens, which the analyses skip. The position embedding always has an entry for every prefix token
+(timm's default, no_embed_class=False); weights written without those entries (timm's no_embed_class=True, as in
+its register models) are imported with zero entries there, which adds nothing: the same outputs.
+
+Submodule and parameter names follow the common layout (patch_embed.proj, cls_token, dist_token, reg_token,
+pos_embed, norm_pre, blocks.N.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2, norm, fc_norm, head, head_dist), so state dicts written in that
 layout load with load_state_dict as they are.
 """
 
@@ -78,6 +84,11 @@ class ViTConfig:
     """a learned class token in front of the patches; "avg" pooling can do without it"""
     num_distill_tokens: int = 0
     """1 adds DeiT's distillation token (after the class token) and a second head, head_dist"""
+    num_reg_tokens: int = 0
+    """register tokens (Darcet et al. 2024) after the class and distillation tokens: extra prefix tokens that no
+    head reads, where the model can keep global information instead of in low-information patches"""
+    fc_norm: bool = False
+    """pool="avg" only: the final LayerNorm on the pooled feature instead of on every token (timm's fc_norm)"""
     qkv_bias: bool = True
     """bias on the q, k, v projections (ViT has it; some recipes drop it)"""
     norm_eps: float = 1e-6
@@ -136,6 +147,10 @@ class ViTConfig:
             raise ValueError("pool='token' needs class_token=True; use pool='avg' for a model without one")
         if self.num_distill_tokens not in (0, 1):
             raise ValueError(f"num_distill_tokens must be 0 or 1 (DeiT), got {self.num_distill_tokens}")
+        if self.num_reg_tokens < 0:
+            raise ValueError(f"num_reg_tokens must be >= 0, got {self.num_reg_tokens}")
+        if self.fc_norm and self.pool != "avg":
+            raise ValueError("fc_norm=True normalises the average-pooled feature: it needs pool='avg'")
         if self.num_distill_tokens and not self.class_token:
             raise ValueError("a distillation token needs the class token as well (DeiT); set class_token=True")
         activation(self.act)  # raises for an unknown name
@@ -159,12 +174,12 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens in front of the patches: the class token and the distillation token, when present."""
-        return int(self.class_token) + self.num_distill_tokens
+        """Tokens in front of the patches: the class, distillation and register tokens, when present."""
+        return int(self.class_token) + self.num_distill_tokens + self.num_reg_tokens
 
 
 class VisionTransformer(nn.Module):
-    """ViT: patchify -> [cls, (dist,) patches] + pos_embed -> pre-norm blocks -> LayerNorm -> head."""
+    """ViT: patchify -> [cls, (dist,) (registers,) patches] + pos_embed -> pre-norm blocks -> LayerNorm -> head."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -173,6 +188,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.num_distill_tokens else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_reg_tokens, D)) if cfg.num_reg_tokens else None
         self.pos_embed = nn.Parameter(
             torch.zeros(1, cfg.num_prefix_tokens + cfg.num_patches, D), requires_grad=cfg.pos_embed_type == "learn"
         )
@@ -187,7 +203,9 @@ class VisionTransformer(nn.Module):
             )
             for rate in rates
         )
-        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        # with fc_norm the LayerNorm moves from every token to the pooled feature (timm's global_pool="avg")
+        self.norm = nn.Identity() if cfg.fc_norm else nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.fc_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         if cfg.num_distill_tokens:
@@ -204,6 +222,8 @@ class VisionTransformer(nn.Module):
         for t in (self.cls_token, self.dist_token):
             if t is not None:
                 nn.init.trunc_normal_(t, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # as timm: registers start out (almost) equal
         with torch.no_grad():
             if self.cfg.pos_embed_type == "learn":
                 nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -239,7 +259,7 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set:
         """Names of parameters that should not be decayed (besides norms and biases, which any 1-D filter catches)."""
-        return {n for n in ("pos_embed", "cls_token", "dist_token") if getattr(self, n) is not None}
+        return {n for n in ("pos_embed", "cls_token", "dist_token", "reg_token") if getattr(self, n) is not None}
 
     # ---- scaling hooks (timm's API): the units that checkpointing, compile and FSDP work on -------------------
 
@@ -256,7 +276,8 @@ class VisionTransformer(nn.Module):
     def param_layer(self, name: str) -> int:
         """Depth of a parameter for layer-wise learning-rate decay: 0 the embedding, i + 1 for blocks.i,
         num_layers() for the final norm and heads."""
-        return block_param_layer(name, ("patch_embed", "cls_token", "dist_token", "pos_embed", "norm_pre"),
+        return block_param_layer(name, ("patch_embed", "cls_token", "dist_token", "reg_token", "pos_embed",
+                                        "norm_pre"),
                                  self.cfg.depth)
 
     def num_layers(self) -> int:
@@ -272,33 +293,42 @@ class VisionTransformer(nn.Module):
                 f"{tuple(x.shape)}; resize the inputs, or call set_image_size() to resample the position embedding"
             )
         x = self.patch_embed(x)  # (B, N, D)
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        tokens = (self.cls_token, self.dist_token, self.reg_token)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in tokens if t is not None]
         x = torch.cat(prefix + [x], dim=1)  # (B, T, D), T = prefix + N
         return self.pos_drop(x + self.pos_embed)
 
-    def forward_features(self, x: torch.Tensor, return_attention: bool = False):
+    def forward_features(self, x: torch.Tensor, return_attention: bool = False, return_logit_max: bool = False):
         """Images (B, C, H, W) -> tokens (B, T, D) after the final LayerNorm.
 
         With return_attention=True also returns, per block, the softmax probabilities (B, heads, T, T) computed
-        on the explicit attention path (same outputs as the fused path, more memory).
+        on the explicit attention path (same outputs as the fused path, more memory); with return_logit_max=True
+        as well, a third element: per block the (B, heads) largest pre-softmax logit (Attention's return_logit_max).
         """
+        if return_logit_max and not return_attention:
+            raise ValueError("return_logit_max needs return_attention=True")
         x = self.norm_pre(self._embed(x))  # (B, T, D)
         attentions: List[torch.Tensor] = []
+        logit_maxes: List[torch.Tensor] = []
         for block in self.blocks:
             if return_attention:
-                x, probs = block(x, return_attention=True)  # (B, T, D), (B, heads, T, T)
+                # (B, T, D), (B, heads, T, T) and, with return_logit_max, (B, heads)
+                x, probs, *lmax = block(x, return_attention=True, return_logit_max=return_logit_max)
                 attentions.append(probs)
+                logit_maxes += lmax  # [(B, heads)] with return_logit_max
             elif self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)  # (B, T, D), activations recomputed in backward
             else:
                 x = block(x)  # (B, T, D)
         x = self.norm(x)
+        if return_logit_max:
+            return x, attentions, logit_maxes
         return (x, attentions) if return_attention else x
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, D): the class token, or the mean over patch tokens only (prefix tokens excluded)."""
         if self.cfg.pool == "avg":
-            return tokens[:, self.cfg.num_prefix_tokens :].mean(dim=1)
+            return self.fc_norm(tokens[:, self.cfg.num_prefix_tokens :].mean(dim=1))  # registers excluded too
         return tokens[:, 0]
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -310,7 +340,7 @@ class VisionTransformer(nn.Module):
         """DeiT: (class-head logits, distillation-head logits), each (B, num_classes)."""
         if self.dist_token is None:
             raise ValueError("this model has no distillation token; build it with num_distill_tokens=1")
-        dist = self.head_drop(tokens[:, self.cfg.num_prefix_tokens - 1])  # (B, D) the token after cls
+        dist = self.head_drop(tokens[:, 1])  # (B, D) the token after cls (registers follow it)
         return self.forward_head(tokens), self.head_dist(dist)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
