@@ -161,6 +161,14 @@ def test_return_attention_matches_fast_path():
     for a in attentions:
         assert a.shape == (2, 4, T, T)
         torch.testing.assert_close(a.sum(-1), torch.ones(2, 4, T))
+    tokens2, attentions2, logit_maxes = model.forward_features(x, return_attention=True, return_logit_max=True)
+    torch.testing.assert_close(tokens2, tokens)
+    assert len(logit_maxes) == 3 and all(m.shape == (2, 4) for m in logit_maxes)
+    with torch.no_grad():  # the first block's logits by hand: scaled q.k of its normed input
+        h = model.blocks[0].norm1(model.norm_pre(model._embed(x)))  # (B, T, D)
+        q, k, _ = model.blocks[0].attn.qkv(h).reshape(2, T, 3, 4, -1).permute(2, 0, 3, 1, 4)  # (B, heads, T, d)
+        ref = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).amax(dim=(-2, -1))  # (B, heads)
+    torch.testing.assert_close(logit_maxes[0], ref, atol=1e-5, rtol=1e-5)
 
 
 # ---- DeiT heads ----------------------------------------------------------------------------------------------
