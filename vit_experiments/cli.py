@@ -33,7 +33,12 @@ import sys
 import warnings
 from typing import Any, Optional
 
-from jsonargparse import Namespace, set_docstring_parse_options, set_parsing_settings
+from vit_experiments import threads
+
+# before anything imports torch: the OpenMP runtime reads its wait policy once, when torch loads it
+threads.configure()
+
+from jsonargparse import Namespace, set_docstring_parse_options, set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI
 
 from vit_experiments.cli_inputs import (
