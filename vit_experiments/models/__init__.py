@@ -1,10 +1,6 @@
-"""Model library: plain torch.nn, no Lightning. ViT here; DeiT and CLIP build on the same VisionTransformer."""
+"""Model library: plain torch.nn, no Lightning. ViT here; DeiT and CLIP build on the same VisionTransformer.
+Weights of other libraries (timm, Hugging Face, big_vision) are read by vit_experiments.checkpoints."""
 
-from vit_experiments.models.convert import (
-    convert_hf_vit_state_dict,
-    load_hf_vit,
-    vit_config_from_hf,
-)
 from vit_experiments.models.layers import Attention, Block, DropPath, Mlp, PatchEmbed
 from vit_experiments.models.pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 from vit_experiments.models.vit import VARIANTS, VisionTransformer, ViTConfig, build_vit, parse_variant
@@ -19,10 +15,7 @@ __all__ = [
     "VisionTransformer",
     "ViTConfig",
     "build_vit",
-    "convert_hf_vit_state_dict",
-    "load_hf_vit",
     "parse_variant",
     "resample_abs_pos_embed",
     "sincos_2d_pos_embed",
-    "vit_config_from_hf",
 ]
