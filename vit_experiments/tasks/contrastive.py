@@ -11,6 +11,21 @@ training on W devices computes the single-device loss and gradients of the globa
 clamped after every optimizer step. Zero-shot classification and retrieval run in callbacks
 (vit_experiments.callbacks.contrastive_eval).
 
+Gradient accumulation keeps the whole contrastive batch. With `trainer.accumulate_grad_batches` k > 1
+(conf/trainer/grad_accum.yaml) the task accumulates by feature caching (vit_experiments.tasks.feature_cache,
+GradCache): the k micro-batches are embedded without gradients, the loss is computed over all k B pairs per device
+at the last one, and each micro-batch is re-run with gradients against the cached embeddings; loss and gradients
+are those of one step on k B pairs per device. Lightning's own accumulation would sum k separate B-pair losses.
+To do this the task switches itself to manual optimisation in `setup("fit")`. Lightning refuses
+accumulate_grad_batches > 1 together with manual optimisation (its loop would not accumulate for the module);
+the check runs before `setup`, while the task is still automatic, so it passes, and the trainer keeps k: Lightning
+then counts what it counts under plain accumulation (optimizer steps for max_steps, the learning-rate schedule's
+length through `estimated_stepping_batches`, the logging step). The task steps the optimizer and the schedule,
+clips gradients as `trainer.gradient_clip_val` says (after the fp16 loss scaler's unscale), clamps the
+temperature, and blocks the gradient reduction (DDP no_sync, FSDP2 set_requires_gradient_sync) on all but the
+last micro-batch. The size of the contrastive batch is printed at fit start and logged as
+`train/contrastive_batch`.
+
 The tokenizer (data_pipelines.tokenizer, a JSON file) belongs to the model: its ids index the token
 embedding. It is copied into the run directory and stored in every checkpoint, from which it is restored.
 """
@@ -18,7 +33,8 @@ embedding. It is copied into the run directory and stored in every checkpoint, f
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Optional
 
 import torch
 from torchmetrics import MeanMetric
@@ -30,6 +46,7 @@ from vit_experiments.losses import contrastive_loss
 from vit_experiments.models.clip import CLIP, CLIPConfig
 from vit_experiments.models.vit import VisionTransformer
 from vit_experiments.tasks.core import VisionTask
+from vit_experiments.tasks.feature_cache import FeatureCache
 from vit_experiments.tasks.optim import OptimConfig
 
 
@@ -72,6 +89,8 @@ class ContrastivePretraining(VisionTask):
         self.init_weights_from(init_from)
         self.tokenizer: Optional[CaptionTokenizer] = None
         self.val_loss = MeanMetric()
+        self.accumulate = 1  # micro-batches per optimizer step: trainer.accumulate_grad_batches, read at fit setup
+        self.feature_cache: Optional[FeatureCache] = None  # set when accumulating (then optimisation is manual)
 
     # -- hooks other code relies on ---------------------------------------------------------------------
     def image_size(self) -> int:
@@ -128,6 +147,22 @@ class ContrastivePretraining(VisionTask):
         # without either, captions must arrive as token ids, or a checkpoint brings its tokenizer
         # (on_load_checkpoint); tokenize() says what to do otherwise
         super().setup(stage)
+        if stage == "fit":
+            self.configure_accumulation(int(self.trainer.accumulate_grad_batches))
+
+    def configure_accumulation(self, k: int) -> None:
+        """k micro-batches per optimizer step: k > 1 accumulates by feature caching, under manual optimisation
+        (the module docstring says why the trainer keeps accumulate_grad_batches = k)."""
+        if k < 1:
+            raise ValueError(f"accumulate_grad_batches must be at least 1, got {k}")
+        self.accumulate = k
+        self.automatic_optimization = k == 1
+        self.feature_cache = FeatureCache() if k > 1 else None
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":  # a later fit of this module starts automatic, as Lightning's configuration check expects
+            self.configure_accumulation(1)
+        super().teardown(stage)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -136,6 +171,21 @@ class ContrastivePretraining(VisionTask):
         # without a logger, log_dir is the working directory: the tokenizer is still saved in checkpoints
         if self.trainer.is_global_zero and self.trainer.logger is not None and log_dir and self.tokenizer is not None:
             self.tokenizer.save(os.path.join(log_dir, "tokenizer.json"))
+        self.print(self.contrastive_batch_message())
+
+    def contrastive_batch_message(self) -> str:
+        """One line: how many pairs one optimizer step scores against each other, and how they are made up."""
+        per_device = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        world, k = self.trainer.world_size, self.accumulate
+        parts = [f"{per_device or 'data.batch_size'} per device", f"{world} device{'s' * (world > 1)}"]
+        if k > 1:
+            parts.append(f"{k} accumulated micro-batches")
+        total = f"{per_device * world * k} pairs" if per_device else "the pairs"
+        line = f"contrastive batch: {total} per optimizer step ({' x '.join(parts)})"
+        if k > 1:
+            line += (f"; feature-cached accumulation: every image is scored against every caption of the {k} "
+                     f"micro-batches")
+        return line
 
     def checkpoint_metadata(self) -> dict[str, Any]:
         meta = super().checkpoint_metadata()
@@ -159,13 +209,74 @@ class ContrastivePretraining(VisionTask):
         return images, ids, valid
 
     # -- steps ------------------------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch, batch_idx: int) -> Optional[torch.Tensor]:
+        if self.feature_cache is not None:
+            return self.accumulating_step(batch, batch_idx)
         images, ids, _ = batch  # training batches hold no padding
         image_emb, text_emb, logit_scale = self.model(images, ids)  # (B, E), (B, E), ()
         loss = contrastive_loss(image_emb, text_emb, logit_scale, local=self.local_loss)
+        self.log_step(loss, logit_scale, images.shape[0] * self.trainer.world_size)
+        return loss
+
+    def log_step(self, loss: torch.Tensor, logit_scale: torch.Tensor, pairs: int) -> None:
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # mean over devices = the global batch's loss
         self.log("train/logit_scale", logit_scale.detach().exp(), prog_bar=True)  # 1 / temperature
+        self.log("train/contrastive_batch", float(pairs))  # pairs scored against each other in this step
+
+    # -- feature-cached gradient accumulation ---------------------------------------------------------------
+    def accumulating_step(self, batch, batch_idx: int) -> Optional[torch.Tensor]:
+        """Cache this micro-batch's embeddings; at the last micro-batch of the step, the loss over all of them,
+        one backward per micro-batch, the optimizer and schedule step (vit_experiments.tasks.feature_cache)."""
+        images, ids, _ = batch
+        cache = self.feature_cache
+        cache.cache(self.model, images, ids)
+        if not self.step_ends(batch_idx):
+            return None
+        logit_scale = self.model.logit_scale.detach().clone()  # () the value this step's loss uses
+        loss, grads, scale_grad = cache.loss_and_gradients(self.model.logit_scale, self.local_loss)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        last = len(cache) - 1
+        for j in range(len(cache)):  # gradients reduced over devices once, in the last backward
+            with nullcontext() if j == last else self.no_gradient_sync():
+                self.manual_backward(cache.replay(self.model, j, grads[j], scale_grad if j == last else None))
+        optimizer.step()  # through the precision plugin: the fp16 scaler unscales, skips overflows; clipping in
+        # on_before_optimizer_step
+        scheduler = self.lr_schedulers()
+        for s in scheduler if isinstance(scheduler, list) else [scheduler] if scheduler is not None else []:
+            s.step()
+        self.after_optimizer_step()
+        pairs = cache.pairs() * self.trainer.world_size
+        cache.clear()
+        self.log_step(loss, logit_scale, pairs)
         return loss
+
+    def step_ends(self, batch_idx: int) -> bool:
+        """Whether the optimizer steps after this batch: every `accumulate` batches of the epoch and at its last
+        batch, where Lightning's plain accumulation steps (a run resumed between two steps completes the window
+        it resumed in, with the micro-batches it has)."""
+        if (batch_idx + 1) % self.accumulate == 0 or batch_idx + 1 >= self.trainer.num_training_batches:
+            return True
+        return bool(self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+    @contextmanager
+    def no_gradient_sync(self) -> Iterator[None]:
+        """Gradients accumulate on each device without being reduced: DDP's no_sync, FSDP2's
+        set_requires_gradient_sync(False); nothing to block on one device."""
+        fsdp2 = [m for m in self.sharded_modules() if hasattr(m, "set_requires_gradient_sync")]
+        wrapper = getattr(self.trainer.strategy, "model", None)
+        for m in fsdp2:
+            m.set_requires_gradient_sync(False)
+        try:
+            with wrapper.no_sync() if hasattr(wrapper, "no_sync") else nullcontext():
+                yield
+        finally:
+            for m in fsdp2:
+                m.set_requires_gradient_sync(True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self.automatic_optimization:  # Lightning clips only under automatic optimisation; here, after the
+            self.clip_gradients(optimizer)  # fp16 unscale, as trainer.gradient_clip_val/_algorithm say
 
     def evaluate(self, batch, stage: str) -> None:
         images, ids, valid = batch
