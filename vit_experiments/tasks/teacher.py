@@ -1,13 +1,15 @@
 """DeiT's teacher: a trained classifier used as a fixed function (Touvron et al. 2021, Sec. 5.1 "the teacher sees
 the image at its own resolution").
 
-Any classifier checkpoint that vit_experiments.checkpoints can read (a vitx ViT, ResNet or DeiT) is rebuilt from
-the file alone, frozen, kept in eval mode for good, and fed the student's (augmented, mixed) images converted to
+Any classifier checkpoint that vit_experiments.checkpoints can read (a vitx ViT, ResNet or DeiT; ViT or DeiT
+weights of timm, Hugging Face or big_vision, with a `#num_heads=N` suffix on the path where the heads cannot be
+inferred) is rebuilt from the file alone, frozen, kept in eval mode for good, and fed the student's (augmented, mixed) images converted to
 its own normalisation and resolution.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,6 +19,8 @@ from torch import nn
 
 from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vit_experiments.checkpoints import read_checkpoint
+from vit_experiments.checkpoints.infer import split_path_options
+from vit_experiments.checkpoints.io import is_remote
 
 
 class FrozenTeacher(nn.Module):
@@ -80,11 +84,18 @@ class FrozenTeacher(nn.Module):
         return self.model(self.adapt(images))  # (B, K)
 
 
+def teacher_exists(path: str | Path) -> bool:
+    """Whether the teacher's checkpoint (a file, a folder, or a remote path: tried when read) is there."""
+    local = split_path_options(str(path))[0]
+    return is_remote(local) or Path(local.removeprefix("file://")).exists()
+
+
 def load_teacher(path: str | Path, in_mean: Optional[Sequence[float]] = None,
                  in_std: Optional[Sequence[float]] = None, trust: bool = False) -> FrozenTeacher:
     """A FrozenTeacher from a classifier checkpoint: architecture, weights and normalisation from the file
-    (ImageNet's normalisation when it names none)."""
-    if not Path(path).is_file():
+    (ImageNet's normalisation when it names none). Notes on what was inferred from imported weights are
+    printed."""
+    if not teacher_exists(path):
         raise FileNotFoundError(
             f"teacher checkpoint not found: {path}. Train one first, e.g. `make teacher` "
             "(vitx fit --config conf/cnn/teacher-shapes.yaml), and point teacher_ckpt at its last.ckpt.")
@@ -93,5 +104,7 @@ def load_teacher(path: str | Path, in_mean: Optional[Sequence[float]] = None,
         raise ValueError(f"{path} is not a classifier checkpoint vitx can rebuild ({info.describe()}); a teacher is "
                          "a checkpoint written by `vitx fit` with ImageClassifier or DistillationClassifier")
     model = info.build()
+    for note in info.notes:
+        print(f"vitx: teacher {path}: {note}", file=sys.stderr)
     norm = info.normalization or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     return FrozenTeacher(model, model.cfg.image_size, norm["mean"], norm["std"], in_mean, in_std)
