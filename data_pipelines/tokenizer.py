@@ -45,17 +45,23 @@ class CaptionTokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer):
-        for i, name in enumerate(SPECIAL_TOKENS):
-            if tokenizer.token_to_id(name) != i:
-                raise ValueError(
-                    f"this tokenizer maps {name!r} to {tokenizer.token_to_id(name)}, not {i}; "
-                    "train one with CaptionTokenizer.train or `vitx data train-tokenizer`"
-                )
+        if tokenizer.token_to_id(SOT) is not None:  # vitx's own: the special tokens at ids 0, 1, 2
+            for i, name in enumerate(SPECIAL_TOKENS):
+                if tokenizer.token_to_id(name) != i:
+                    raise ValueError(
+                        f"this tokenizer maps {name!r} to {tokenizer.token_to_id(name)}, not {i}; "
+                        "train one with CaptionTokenizer.train or `vitx data train-tokenizer`"
+                    )
         trunc = tokenizer.truncation
         if trunc is None or tokenizer.padding is None:
-            raise ValueError("the tokenizer has no fixed context length; train it with CaptionTokenizer.train")
+            raise ValueError("the tokenizer has no fixed context length; train it with CaptionTokenizer.train, or "
+                             "import another library's with data_pipelines.bpe.load_tokenizer")
         self._tok = tokenizer
         self.context_length = int(trunc["max_length"])
+        # the start and end tokens are the ones the post-processor puts around every caption: 1 and 2 for vitx's
+        # own tokenizers, <|startoftext|> and <|endoftext|> (49406, 49407) for CLIP's BPE
+        self.sot_id, self.eot_id = _bracket_ids(tokenizer)
+        self.pad_id = int(tokenizer.padding["pad_id"])
 
     # ---- training --------------------------------------------------------------------------------------
 
@@ -116,13 +122,12 @@ class CaptionTokenizer:
         return path
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "CaptionTokenizer":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no tokenizer at {path}; train one on the captions with `vitx data train-tokenizer SHARDS {path}`"
-            )
-        return cls.from_str(path.read_text())
+    def load(cls, path: Union[str, Path], context_length: Optional[int] = None) -> "CaptionTokenizer":
+        """vitx's tokenizer JSON; also CLIP tokenizers of other libraries (a Hugging Face tokenizer.json, OpenAI's
+        merges file, a folder holding one), given `context_length` (default 77): see data_pipelines.bpe."""
+        from .bpe import load_tokenizer
+
+        return load_tokenizer(path, context_length)
 
     def __getstate__(self) -> dict:
         return {"json": self.to_str()}
@@ -135,8 +140,6 @@ class CaptionTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    pad_id, sot_id, eot_id = 0, 1, 2
 
     def __call__(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
         """Captions -> int64 ids (B, context_length): start, tokens, end, then 0s."""
@@ -152,10 +155,25 @@ class CaptionTokenizer:
         """Token ids (one caption) -> text, special tokens dropped; the inverse of encode up to lower-casing
         and whitespace clean-up."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if self.eot_id in ids:  # what follows the end token is padding (id 0 is a real token in CLIP's BPE)
+            ids = ids[: ids.index(self.eot_id)]
         return self._tok.decode(ids, skip_special_tokens=True).strip()
 
     def __repr__(self) -> str:
         return f"CaptionTokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+
+def _bracket_ids(tokenizer: Tokenizer) -> tuple[int, int]:
+    """(start id, end id): the special tokens the post-processor adds before and after a caption."""
+    post = json.loads(tokenizer.to_str()).get("post_processor") or {}
+    if post.get("type") == "TemplateProcessing":
+        names = [p["SpecialToken"]["id"] for p in post.get("single", []) if "SpecialToken" in p]
+        if len(names) == 2:
+            return tuple(int(post["special_tokens"][n]["ids"][0]) for n in names)  # type: ignore[return-value]
+    if post.get("type") in ("RobertaProcessing", "BertProcessing"):
+        return int(post["cls"][1]), int(post["sep"][1])
+    raise ValueError("the tokenizer adds no start and end token around a caption (its post_processor); train one "
+                     "with CaptionTokenizer.train, or import another library's with data_pipelines.bpe.load_tokenizer")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from vit_experiments.checkpoints.io import LoadedDirectory, load_file
 
 # the readers of other libraries' layouts: importing a module registers its readers, in this order
 from vit_experiments.checkpoints import timm_vit, hf_vit, big_vision  # noqa: E402,F401  (ViT / DeiT)
+from vit_experiments.checkpoints import clip_readers  # noqa: E402,F401  (CLIP: Hugging Face, open_clip, OpenAI)
 
 __all__ = [
     "METADATA_KEY", "CheckpointInfo", "LoadedDirectory", "build_network", "config_from_dict", "family_of", "load_file",

@@ -35,6 +35,10 @@ class TextConfig:
     """MLP hidden width; None = 4 * width as in GPT-2"""
     eot_token_id: int = 2
     """the token whose output is the caption's feature; data_pipelines.tokenizer puts it last, before padding"""
+    eot_pooling: str = "first"
+    """where the caption's feature is read: "first", the first position holding eot_token_id (vitx, Hugging Face
+    with an eos_token_id); "argmax", the position of the highest id (OpenAI's and open_clip's rule, exact for a
+    vocabulary whose end token has the highest id, as CLIP's BPE: 49407)"""
     norm_eps: float = 1e-5
     """CLIP's LayerNorm epsilon (PyTorch's default)"""
     drop_rate: float = 0.0
@@ -55,6 +59,8 @@ class TextConfig:
         if not 0 <= self.eot_token_id < self.vocab_size:
             raise ValueError(f"text.eot_token_id {self.eot_token_id} is outside the vocabulary [0, {self.vocab_size})")
         activation(self.act)  # raises for an unknown name
+        if self.eot_pooling not in ("first", "argmax"):
+            raise ValueError(f"text.eot_pooling must be 'first' or 'argmax', got {self.eot_pooling!r}")
 
 
 class TextTransformer(nn.Module):
@@ -117,7 +123,10 @@ class TextTransformer(nn.Module):
         return self.cfg.depth + 1
 
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids -> (B,) index of the first end-of-text token in each row."""
+        """(B, T) ids -> (B,) index of the first end-of-text token in each row (eot_pooling "first"), or of the
+        first highest id ("argmax")."""
+        if self.cfg.eot_pooling == "argmax":
+            return ids.argmax(dim=1)  # (B,) the first maximum, as OpenAI's text.argmax(dim=-1)
         is_eot = ids == self.cfg.eot_token_id  # (B, T)
         if not bool(is_eot.any(dim=1).all()):
             raise ValueError(
