@@ -100,3 +100,47 @@ def test_scalars_name_every_layer_from_the_result():
     assert tags["analysis/position_embedding/topology_score"] == pytest.approx(r["topology_score"])
     assert "analysis/attention_distance/layer_04" not in tags
     assert all(isinstance(v, float) and math.isfinite(v) for v in tags.values())
+
+
+def test_entropy_outliers_cka_and_probes_in_the_result_json_and_tags(tmp_path):
+    from vit_experiments.analysis.entropy import entropy_by_layer, nmi_by_layer
+    from vit_experiments.analysis.report import scalars
+
+    model = tiny_vit()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    rep = torch.randn(24, 3, 32, 32, generator=g)
+    labels = torch.arange(24) % 2
+    rep[labels == 1, 0] += 3.0  # class 1 is redder: linearly decodable from the first layer on
+    r = analyze_model(model, x, representation_images=rep, representation_labels=labels, compare=model,
+                      compare_images=rep, representation_batch_size=8, figures=False)
+    model.eval()
+    with torch.no_grad():
+        _, attns = model.forward_features(x, return_attention=True)
+    np.testing.assert_allclose(r["entropy"]["entropy"], entropy_by_layer(attns, 1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(r["entropy"]["nmi"], nmi_by_layer(attns, 1).numpy(), rtol=1e-4, atol=1e-7)
+    assert r["entropy"]["logit_max"].shape == (3,) and r["entropy"]["max_entropy"] == pytest.approx(math.log(17))
+    assert r["outlier_tokens"]["share"].shape == (3,) and r["outlier_mask"].shape == (3, 4, 4, 4)
+    within, cross = r["cka"]["within"], r["cka"]["compare"]
+    assert within.shape == (4, 4) and r["cka"]["num_minibatches"] == 3
+    np.testing.assert_allclose(np.diag(within), 1.0, atol=1e-5)
+    np.testing.assert_allclose(cross, within, atol=1e-5)  # a model against itself
+    assert r["probe"]["num_train"] + r["probe"]["num_test"] == 24
+    assert r["probe"]["cls_accuracy"].shape == (3,) and (r["probe"]["patch_accuracy"] == 1.0).all()
+    tags = scalars(r)
+    for name in ("attention_entropy", "attention_entropy_min", "attention_logit_max", "attention_nmi",
+                 "outlier_tokens", "cka_adjacent", "probe_cls", "probe_patch"):
+        assert f"analysis/{name}/layer_03" in tags, name
+    assert tags["analysis/cka_compare/diagonal_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert tags["analysis/probe_patch/layer_01"] == 1.0
+
+    r = analyze_model(model, x, labels=torch.tensor([0, 1, 0, 1]), figures=("rollout",))
+    assert r["probe"] is None and "too few" in r["probe_skipped"]  # 4 images: no probe
+    assert {"attention_entropy", "outlier_tokens", "cka"} <= set(r["images"])
+    assert all(r["images"][k].ndim == 3 and r["images"][k].dtype == np.uint8 for k in ("attention_entropy", "cka"))
+    paths = save_report(r, str(tmp_path), figures=False)
+    assert (tmp_path / "attention_entropy.png").stat().st_size > 1000 and "cka" in paths
+    with open(paths["json"]) as f:
+        data = json.load(f)
+    assert {"entropy", "cka", "probe", "outlier_tokens"} <= set(data) and "outlier_mask" not in data
+    assert np.array(data["cka"]["within"]).shape == (4, 4)

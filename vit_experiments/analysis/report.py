@@ -3,8 +3,12 @@
 Runs the model once on a probe batch with its attention maps and computes, after Dosovitskiy et al.
 2021 ("An Image is Worth 16x16 Words"): mean attention distance per (layer, head) (Fig. 11),
 position-embedding similarity and its topology score (Fig. 9), attention rollout maps (Fig. 12; Abnar &
-Zuidema 2020) and the principal components of the patch-embedding filters (Fig. 10).
-Shared by the training callback and by `vitx analyze` on a saved checkpoint.
+Zuidema 2020) and the principal components of the patch-embedding filters (Fig. 10); and beyond the paper:
+attention entropy, the largest pre-softmax logit and attention NMI per layer (Zhai et al. 2023; Park et al. 2023),
+high-norm outlier tokens (Darcet et al. 2024), linear CKA between layers and against a second model (Kornblith
+et al. 2019; Nguyen et al. 2021) and per-layer linear probes (result keys entropy, outlier_tokens, cka, probe).
+Shared by the training callback and by `vitx analyze` on a saved checkpoint; scalars(result) names every number
+as a TensorBoard tag.
 
 The model is anything with the VisionTransformer interface: forward_features(x, return_attention=True)
 -> (tokens, [attn (B, heads, T, T) per layer]), patch_embed.proj (the stride-P convolution), pos_embed,
@@ -22,6 +26,8 @@ import torch
 from torch import nn
 
 from .attention_distance import attention_distance_by_layer
+from .entropy import entropy_by_layer, logit_max_by_layer, nmi_by_layer
+from .outlier_tokens import outliers_by_layer
 from .patch_filters import patch_embed_components
 from .plots import (
     filter_components_image,
@@ -32,8 +38,11 @@ from .plots import (
     plot_rollout,
     rollout_overlay_images,
     similarity_tiles_image,
+    uniform_attention_distance,
 )
+from .plots_representation import plot_attention_statistics, plot_cka, plot_outlier_tokens, plot_probes
 from .position_similarity import position_similarity, topology_score
+from .representations import LayerOutputs, representation_analysis
 from .rollout import attention_rollout
 
 FIGURES = ("attention_distance", "position_similarity", "rollout", "patch_filters")
@@ -82,6 +91,14 @@ def analyze_model(
     num_components: int = 28,
     rollout_token: int = 0,
     figures: Union[bool, Iterable[str]] = True,
+    labels: Optional[torch.Tensor] = None,
+    representation_images: Optional[torch.Tensor] = None,
+    representation_labels: Optional[torch.Tensor] = None,
+    num_classes: Optional[int] = None,
+    compare: Optional[nn.Module] = None,
+    compare_images: Optional[torch.Tensor] = None,
+    representation_batch_size: int = 64,
+    outlier_k: float = 10.0,
 ) -> Dict[str, Any]:
     """Run every analysis on one batch; returns a dict of numbers (numpy), images and figures.
 
@@ -89,7 +106,15 @@ def analyze_model(
     display_images: the same images for drawing (uint8 (B, C, H, W) preferred); defaults to `images`,
       min-max scaled per image.
     rollout_token: the prefix token whose rollout is drawn (0 = class token, 1 = DeiT's distillation token).
-    figures: True for all matplotlib figures, False for none, or names from FIGURES.
+    figures: True for all matplotlib figures, False for none, or names from FIGURES. Anything but False also renders
+      the labelled images of the entropy, outlier, CKA and probe analyses into result["images"].
+    labels: (B,) class indices of `images`, for the probes when there is no separate representation set.
+    representation_images / representation_labels: a larger (M, C, H, W) set (and its (M,) labels) for CKA and the
+      probes, run through the model in minibatches of representation_batch_size; by default the probe batch,
+      whose layer outputs are reused from the attention pass.
+    compare / compare_images: a second VisionTransformer and the same images (representation_images, or images)
+      prepared for it, for the model-vs-model CKA.
+    outlier_k: MADs above the median norm that make a patch token an outlier (analysis/outlier_tokens.py).
     The model is put in eval mode (no dropout, no stochastic depth) and restored to its previous mode.
     """
     t0 = time.perf_counter()
@@ -108,9 +133,12 @@ def analyze_model(
     was_training = model.training
     model.eval()
     try:
-        _, attns = model.forward_features(images.to(param.device, param.dtype), return_attention=True)
+        with LayerOutputs(model) as layers:  # the embedding and every block's output, (B, T, D) each
+            _, attns, logit_maxes = model.forward_features(images.to(param.device, param.dtype),
+                                                           return_attention=True, return_logit_max=True)
     finally:
         model.train(was_training)
+    hidden = layers.outputs
 
     dist = attention_distance_by_layer(attns, grid, patch, prefix)
     d = dist.distance.cpu().numpy()  # (L, heads)
@@ -138,6 +166,37 @@ def analyze_model(
         result["position_similarity"] = None
         result["topology_score"] = None
 
+    T = int(attns[0].shape[-1])
+    result["entropy"] = {
+        "entropy": entropy_by_layer(attns, prefix).cpu().numpy(),  # (L, heads) nats, patch queries, all keys
+        "nmi": nmi_by_layer(attns, prefix).cpu().numpy(),  # (L, heads) patch queries and keys
+        "logit_max": logit_max_by_layer(logit_maxes).cpu().numpy(),  # (L,)
+        "logit_max_per_head": torch.stack([m.float().amax(0) for m in logit_maxes]).cpu().numpy(),  # (L, heads)
+        "max_entropy": math.log(T),
+        "num_tokens": T,
+    }
+    out = outliers_by_layer([h.float() for h in hidden[1:]], grid, prefix, outlier_k)
+    shown = int(torch.nonzero(out.share == out.share.max())[-1]) if out.share.max() > 0 else len(hidden) - 2
+    result["outlier_tokens"] = {
+        "share": out.share.cpu().numpy(),  # (L,)
+        "threshold": out.threshold.cpu().numpy(),  # (L,) norm
+        "norm_ratio": out.norm_ratio.cpu().numpy(),  # (L,) largest / median patch norm
+        "frequency": out.mask.float().mean(1).cpu().numpy(),  # (L, gh, gw) share of probe images flagged there
+        "k": outlier_k,
+        "layer_shown": shown + 1,
+    }
+    result["outlier_mask"] = out.mask.cpu().numpy()  # (L, B, gh, gw)
+    if representation_images is None:
+        rep = representation_analysis(model, hidden=hidden, labels=labels, num_classes=num_classes,
+                                      compare=compare, compare_images=compare_images,
+                                      batch_size=representation_batch_size)
+    else:
+        rep = representation_analysis(model, representation_images, labels=representation_labels,
+                                      num_classes=num_classes, compare=compare, compare_images=compare_images,
+                                      batch_size=representation_batch_size)
+    result.update(rep)
+    del hidden, layers
+
     token = rollout_token if prefix > 0 else 0
     result["rollout"] = attention_rollout(attns, grid, prefix, token_index=token).cpu().numpy()  # (B, gh, gw)
     result["rollout_token"] = token
@@ -155,6 +214,8 @@ def analyze_model(
     shown = (display_images if display_images is not None else images).detach().cpu()
     result["probe_images"] = shown  # (B, C, H, W) what the overlays are drawn on
     result["images"] = _images(result)
+    if figures is not False and figures is not None:
+        result["images"].update(_representation_images(result))
     result["figures"] = {name: _figure(result, name) for name in wanted}
     result["figures"] = {k: v for k, v in result["figures"].items() if v is not None}
     result["seconds"] = time.perf_counter() - t0
@@ -175,10 +236,31 @@ def _images(result: Dict[str, Any]) -> Dict[str, np.ndarray]:
     return out
 
 
+def _representation_images(result: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Labelled matplotlib renders of the entropy, outlier, CKA and probe results, (H, W, 3) uint8."""
+    out = {}
+    e = result["entropy"]
+    out["attention_entropy"] = plot_attention_statistics(e["entropy"], e["nmi"], e["logit_max"], e["max_entropy"])
+    o = result["outlier_tokens"]
+    out["outlier_tokens"] = plot_outlier_tokens(o["share"], np.asarray(result["probe_images"]),
+                                                result["outlier_mask"][o["layer_shown"] - 1], o["layer_shown"],
+                                                result["patch_size"], o["k"])
+    if result.get("cka") is not None:
+        out["cka"] = plot_cka(result["cka"]["within"], result["cka"]["compare"])
+    p = result.get("probe")
+    if p is not None:
+        out["probe"] = plot_probes(p["cls_accuracy"], p["patch_accuracy"], p["chance"], p["num_train"], p["num_test"])
+    return out
+
+
+REPRESENTATION_IMAGES = ("attention_entropy", "outlier_tokens", "cka", "probe")
+
+
 def _figure(result: Dict[str, Any], name: str):
     if name == "attention_distance":
         return plot_attention_distance(result["attention_distance"], image_size=tuple(result["image_size"]),
-                                       title="Mean attention distance")
+                                       title="Mean attention distance",
+                                       uniform=uniform_attention_distance(result["grid_size"], result["patch_size"]))
     if name == "position_similarity" and result.get("position_similarity") is not None:
         return plot_position_similarity(result["position_similarity"])
     if name == "rollout":
@@ -270,7 +352,7 @@ def _jsonable(x: Any, ndigits: int = 6) -> Any:
 
 def summary(result: Dict[str, Any]) -> Dict[str, Any]:
     """The numbers of a result, JSON-ready (figures, images and probe pixels left out)."""
-    skip = {"figures", "images", "probe_images", "filter_components"}
+    skip = {"figures", "images", "probe_images", "filter_components", "outlier_mask"}
     out = {k: _jsonable(v) for k, v in result.items() if k not in skip}
     if result.get("filter_components") is not None:
         out["filter_components_shape"] = list(result["filter_components"].shape)
@@ -294,8 +376,9 @@ def save_report(result: Dict[str, Any], out_dir: str, extra: Optional[Dict[str, 
             paths[name] = os.path.join(out_dir, f"{name}.png")
             fig.savefig(paths[name], dpi=120)
     for name, img in (result.get("images") or {}).items():
-        paths[f"{name}_tiles"] = os.path.join(out_dir, f"{name}_tiles.png")
-        _save_png(img, paths[f"{name}_tiles"])
+        key = name if name in REPRESENTATION_IMAGES else f"{name}_tiles"  # labelled figures keep their name
+        paths[key] = os.path.join(out_dir, f"{key}.png")
+        _save_png(img, paths[key])
 
     paths["json"] = os.path.join(out_dir, "analysis.json")
     record = {**_jsonable(extra or {}), **summary(result)}
