@@ -3,6 +3,7 @@
     vitx fit|validate|test|predict --config conf/vit/pretrain.yaml [--config overlay.yaml] [--model.optim.lr 5e-4]
     vitx data synth|from-folder|...   write and inspect WebDataset shards
     vitx analyze --ckpt RUN/checkpoints/last.ckpt --images DIR|SHARDS --out OUT
+    vitx export --ckpt RUN/checkpoints/last.ckpt --format timm|hf --out PATH
 
 The training verbs are Lightning's LightningCLI over the typed signatures of the tasks and datamodules: every
 argument of a task, a datamodule or the Trainer is a config key and a command-line flag, and an unknown key is an
@@ -64,7 +65,7 @@ INTENDED = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
 )
 
-USAGE = """usage: vitx {fit,validate,test,predict,data,analyze,zeroshot} ...
+USAGE = """usage: vitx {fit,validate,test,predict,data,analyze,zeroshot,export} ...
 
   fit                 train: vitx fit --config conf/vit/pretrain.yaml [--config conf/trainer/ddp.yaml] [--model.optim.lr 5e-4]
   validate|test       evaluate a checkpoint: vitx validate --config conf/vit/pretrain.yaml --ckpt_path RUN/checkpoints/last.ckpt
@@ -72,6 +73,7 @@ USAGE = """usage: vitx {fit,validate,test,predict,data,analyze,zeroshot} ...
   data                write or inspect shards: vitx data --help
   analyze             attention distance, position similarity, rollout, filters of a checkpoint: vitx analyze --help
   zeroshot            zero-shot accuracy and retrieval of a CLIP checkpoint on a class folder or shards: vitx zeroshot --help
+  export              a ViT/DeiT checkpoint in timm's or Hugging Face's layout: vitx export --help
 
   vitx fit --help lists every option of the trainer, the model and the data (add --model.help CLASS for a task's).
 """
@@ -332,6 +334,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         from vit_experiments.zeroshot import main_zeroshot
 
         sys.exit(main_zeroshot(argv[1:]))
+    if verb == "export":
+        from vit_experiments.export import main_export
+
+        sys.exit(main_export(argv[1:]))
     if verb in (None, "help", "-h", "--help") or verb not in TRAINING_VERBS:
         print(USAGE, file=sys.stdout if verb in ("-h", "--help", "help") else sys.stderr)
         sys.exit(0 if verb in (None, "help", "-h", "--help") else 2)

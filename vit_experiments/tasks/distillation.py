@@ -19,7 +19,6 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -31,14 +30,13 @@ from torchmetrics import MeanMetric
 from data_pipelines.augment import MixupCutmix, RandAugment, random_erasing, repeat_batch
 from data_pipelines.constants import IGNORE_INDEX
 from data_pipelines.transforms import normalize, random_hflip
-from vit_experiments.checkpoints.io import is_remote
 from vit_experiments.losses import DISTILLATION_KINDS, KL_REDUCTIONS, distillation_loss
 from vit_experiments.models.vit import ViTConfig, VisionTransformer
 from vit_experiments.tasks.classification import accuracy
 from vit_experiments.tasks.core import VisionTask, as_config, restoring_stage
 from vit_experiments.tasks.ema import build_ema
 from vit_experiments.tasks.optim import OptimConfig
-from vit_experiments.tasks.teacher import FrozenTeacher, load_teacher
+from vit_experiments.tasks.teacher import FrozenTeacher, load_teacher, teacher_exists
 
 
 @dataclass
@@ -170,7 +168,7 @@ class DistillationClassifier(VisionTask):
         if distillation == "none":
             return None
         stage = restoring_stage()
-        if stage is None or (teacher_ckpt and (is_remote(teacher_ckpt) or Path(teacher_ckpt).is_file())):
+        if stage is None or (teacher_ckpt and teacher_exists(teacher_ckpt)):
             return load_teacher(teacher_ckpt)
         if stage == "fit":
             raise FileNotFoundError(
