@@ -3,7 +3,9 @@
     vitx analyze --ckpt RUN/checkpoints/last.ckpt --images DIR|SHARDS --out OUT [--num-images 8]
 
 Rebuilds the VisionTransformer of the checkpoint (vit_experiments.checkpoints: a ViT, a DeiT student or CLIP's
-image tower) with its weights, takes the first `--num-images` images of
+image tower, written by `vitx fit` or published weights of another library -- timm, Hugging Face, big_vision --
+from a local file or folder, the architecture inferred; `--num-heads N` where the heads cannot be) with its
+weights, takes the first `--num-images` images of
 DIR (image files, sorted by path; or, if DIR holds WebDataset shards, its val-*.tar shards) or of a shard
 pattern, prepares them like the evaluation pipeline (resize + centre crop, normalised with the mean/std the
 model was trained with), and writes the figures and numbers of vit_experiments.analysis.report into OUT:
@@ -28,13 +30,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
-def load_vit(ckpt_path: str, trust_checkpoint: bool = False) -> tuple[VisionTransformer, CheckpointInfo]:
+def load_vit(ckpt_path: str, trust_checkpoint: bool = False,
+             num_heads: Optional[int] = None) -> tuple[VisionTransformer, CheckpointInfo]:
     """The VisionTransformer of a checkpoint (a ViT or DeiT network, CLIP's image tower), in eval mode, and the
-    checkpoint's description (normalisation, class names, step)."""
-    info = read_checkpoint(ckpt_path, trust=trust_checkpoint)
+    checkpoint's description (normalisation, class names, step). `num_heads` sets the heads of an architecture
+    inferred from the weights."""
+    info = read_checkpoint(ckpt_path, trust=trust_checkpoint, num_heads=num_heads)
     if info.config is None:
-        raise ValueError(f"{ckpt_path} holds bare weights without an architecture ({info.describe()}); "
-                         "`vitx analyze` needs a checkpoint written by `vitx fit`")
+        raise ValueError(f"{ckpt_path} holds bare weights whose architecture vitx cannot tell ({info.describe()}); "
+                         "`vitx analyze` reads vitx checkpoints and ViT/DeiT weights in the timm, Hugging Face or "
+                         "big_vision layouts")
+    for note in info.notes:
+        print(f"vitx analyze: {note}", file=sys.stderr)
     return info.vision_transformer().eval(), info
 
 
@@ -100,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vitx analyze",
         description="Mean attention distance (ViT Fig. 11), position-embedding similarity (Fig. 9), attention "
                     "rollout (Fig. 12) and patch-embedding filter components (Fig. 10) of a saved checkpoint.")
-    p.add_argument("--ckpt", required=True, help="a vitx/Lightning checkpoint, e.g. RUN/checkpoints/last.ckpt")
+    p.add_argument("--ckpt", required=True,
+                   help="a vitx checkpoint (RUN/checkpoints/last.ckpt), or ViT/DeiT weights of timm (.pth, .bin, "
+                        ".safetensors), Hugging Face (a save_pretrained folder) or big_vision (.npz)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads of imported weights whose config does not name them (default: 64-wide "
+                        "heads, embed_dim // 64)")
     p.add_argument("--images", required=True,
                    help="a folder of images, a folder of WebDataset shards (val-*.tar preferred), a shard pattern "
                         "(data/shapes/val-{000000..000001}.tar) or one image file")
@@ -125,7 +137,7 @@ def main_analyze(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_images < 1:
         raise SystemExit("vitx analyze: --num-images must be >= 1")
     try:
-        model, info = load_vit(args.ckpt, args.trust_checkpoint)
+        model, info = load_vit(args.ckpt, args.trust_checkpoint, args.num_heads)
     except (ValueError, FileNotFoundError) as err:
         print(f"vitx analyze: {err}", file=sys.stderr)
         return 2
@@ -153,7 +165,7 @@ def main_analyze(argv: Optional[Sequence[str]] = None) -> int:
     result = analyze_model(model, normalize(images.to(device), mean, std), images, num_components=args.num_components,
                            rollout_token=args.rollout_token)
     extra = {"checkpoint": os.path.abspath(args.ckpt), "images": args.images, "image_names": names,
-             "epoch": info.epoch, "global_step": info.global_step, "family": info.family,
+             "epoch": info.epoch, "global_step": info.global_step, "family": info.family, "layout": info.source,
              "normalization": {"mean": list(mean), "std": list(std)}}
     paths = save_report(result, args.out, extra=extra)
     print(summary_text(result))

@@ -3,6 +3,10 @@
 Keep the patch size, resample the position embedding by 2-D interpolation when the image size changes, and
 replace a classifier whose label set differs (or every classifier, with `reset_head`) by a zero-initialised one,
 so fine-tuning starts from uniform predictions on the pretrained features. Every other key must match.
+
+The source may be any checkpoint read_checkpoint reads (a vitx run, timm / Hugging Face / big_vision ViT or DeiT
+weights). What the weights' shapes do not show -- the attention heads, the activation, the LayerNorm epsilon --
+is the model's own (its config): where the checkpoint's architecture names another value, a note says so.
 """
 
 from __future__ import annotations
@@ -33,6 +37,23 @@ def _vits(model: nn.Module) -> list[tuple[str, VisionTransformer]]:
     return [("", model)] if isinstance(model, VisionTransformer) else []
 
 
+# ViT fields that change the function but not the shapes of the weights
+_SILENT_FIELDS = ("num_heads", "act", "norm_eps", "pool")
+
+
+def _architecture_notes(info: CheckpointInfo, model: nn.Module) -> list[str]:
+    src = info.config.vision if hasattr(info.config, "vision") else info.config
+    notes = []
+    for prefix, vit in _vits(model):
+        if src is None or not hasattr(src, "num_heads"):
+            continue
+        for f in _SILENT_FIELDS:
+            if getattr(src, f) != getattr(vit.cfg, f):
+                notes.append(f"{prefix}{f}: the checkpoint's is {getattr(src, f)!r}, this model's {getattr(vit.cfg, f)!r}"
+                             " (the model's is used; set it in the model's config if the checkpoint's is right)")
+    return notes
+
+
 def _resample(state: dict, prefix: str, vit: VisionTransformer, notes: list[str]) -> None:
     key = prefix + "pos_embed"
     target = vit.pos_embed.shape
@@ -56,7 +77,7 @@ def load_weights(model: nn.Module, source: Union[str, CheckpointInfo], reset_hea
     info = source if isinstance(source, CheckpointInfo) else read_checkpoint(str(source), trust=trust)
     state = dict(info.state_dict)
     own = model.state_dict()
-    notes: list[str] = []
+    notes: list[str] = list(info.notes) + _architecture_notes(info, model)
     for prefix, vit in _vits(model):
         _resample(state, prefix, vit, notes)
     heads = _head_keys(model)

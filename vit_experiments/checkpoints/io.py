@@ -104,7 +104,8 @@ def load_directory(path: str, trust: bool = False) -> LoadedDirectory:
 
 
 def _kind(path: str) -> str:
-    """"safetensors", "npz" or "torch", by extension, else by the first bytes of the file."""
+    """"safetensors", "npz", "torch" (a zip of torch.save, or a pickle) or "unknown", by extension, else by the
+    first bytes of the file."""
     lower = path.lower()
     if lower.endswith(".safetensors"):
         return "safetensors"
@@ -118,7 +119,10 @@ def _kind(path: str) -> str:
         with zipfile.ZipFile(path) as z:
             if any(n.endswith(".npy") for n in z.namelist()):
                 return "npz"  # torch.save also writes a zip, of pickles and raw storages, never .npy members
-    return "torch"
+        return "torch"
+    if head[:1] == b"\x80":  # a pickle's PROTO opcode: torch.save's legacy format, or a plain pickle
+        return "torch"
+    return "unknown"
 
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -163,6 +167,9 @@ def load_file(path: str | os.PathLike, trust: bool = False) -> Any:
             return _load_safetensors(local)
         if kind == "npz":
             return _load_npz(local)
+        if kind == "unknown":
+            raise ValueError(f"{path} is not a checkpoint vitx can read: neither a PyTorch file (torch.save), nor "
+                             ".safetensors, nor .npz, nor a folder of weights")
     try:
         if is_remote(path):
             from lightning.fabric.utilities.cloud_io import _load
