@@ -115,10 +115,11 @@ def _kind(path: str) -> str:
         head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100_000_000:
         return "safetensors"  # an 8-byte header length, then the JSON header
-    if head[:4] == b"PK\x03\x04" and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any(n.endswith(".npy") for n in z.namelist()):
-                return "npz"  # torch.save also writes a zip, of pickles and raw storages, never .npy members
+    if head[:4] == b"PK\x03\x04":  # a zip; a damaged one is left to torch.load to report
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith(".npy") for n in z.namelist()):
+                    return "npz"  # torch.save also writes a zip, of pickles and raw storages, never .npy members
         return "torch"
     if head[:1] == b"\x80":  # a pickle's PROTO opcode: torch.save's legacy format, or a plain pickle
         return "torch"
