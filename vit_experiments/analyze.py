@@ -12,6 +12,13 @@ model was trained with), and writes the figures and numbers of vit_experiments.a
 mean attention distance per head against depth (Fig. 11 of Dosovitskiy et al. 2021), position-embedding
 similarity and its topology score (Fig. 9), attention rollout (Fig. 12) and the principal components of the
 patch-embedding filters (Fig. 10), as PNG, JSON and CSV.
+
+Beyond the paper, on the same probe images: attention entropy, the largest pre-softmax logit and attention NMI per
+layer, and the high-norm outlier tokens with where they sit. On a larger representation set (`--probe-images`,
+512 by default, with labels when the images carry them: see vit_experiments/probe_set.py): linear CKA between
+every pair of layers and, with `--compare CKPT`, between this checkpoint's layers and another's (before/after
+fine-tuning, ViT vs DeiT, two seeds); and ridge probes on each layer's class token and mean patch token.
+analysis.json names them entropy, outlier_tokens, cka and probe.
 """
 from __future__ import annotations
 
@@ -118,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(data/shapes/val-{000000..000001}.tar) or one image file")
     p.add_argument("--out", required=True, help="output folder for PNG, JSON and CSV")
     p.add_argument("--num-images", type=int, default=8, help="probe images to analyse (default 8)")
+    p.add_argument("--probe-images", type=int, default=512,
+                   help="images for CKA and the linear probes (default 512; probes need labels: classification "
+                        "shards or a folder of class sub-folders); 0 turns both off")
+    p.add_argument("--compare", default=None,
+                   help="a second checkpoint: linear CKA between its layers and --ckpt's on the same images")
+    p.add_argument("--batch-size", type=int, default=64, help="minibatch of the CKA / probe pass (default 64)")
     p.add_argument("--rollout-token", type=int, default=0, help="0: class token; 1: DeiT's distillation token")
     p.add_argument("--num-components", type=int, default=28, help="principal components of the filters to draw")
     p.add_argument("--crop-pct", type=float, default=0.875, help="centre-crop fraction for images not at size")
@@ -162,11 +175,17 @@ def main_analyze(argv: Optional[Sequence[str]] = None) -> int:
         print(f"vitx analyze: mean/std need {cfg.in_chans} values, got {list(mean)} / {list(std)}", file=sys.stderr)
         return 2
     model.to(device)
+    try:
+        representation = representation_inputs(args, model, mean, std, device)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vitx analyze: {err}", file=sys.stderr)
+        return 2
     result = analyze_model(model, normalize(images.to(device), mean, std), images, num_components=args.num_components,
-                           rollout_token=args.rollout_token)
+                           rollout_token=args.rollout_token, **representation)
     extra = {"checkpoint": os.path.abspath(args.ckpt), "images": args.images, "image_names": names,
              "epoch": info.epoch, "global_step": info.global_step, "family": info.family, "layout": info.source,
              "normalization": {"mean": list(mean), "std": list(std)}}
+    extra["compare"] = os.path.abspath(args.compare) if args.compare else None
     paths = save_report(result, args.out, extra=extra)
     print(summary_text(result))
     print(f"wrote {len(paths)} files to {args.out}")
@@ -183,4 +202,58 @@ def summary_text(result: dict) -> str:
                      f"{result['distance_max'][i]:8.2f}   {result['prefix_attention'][i].mean():.3f}")
     if result.get("topology_score") is not None:
         lines.append(f"position-embedding topology score: {result['topology_score']:.3f}")
+    e, o = result.get("entropy"), result.get("outlier_tokens")
+    if e is not None and o is not None:
+        lines.append(f"layer  attention entropy (nats, uniform {e['max_entropy']:.2f}): mean  min   NMI   "
+                     f"logit max   outlier tokens (norm > median + {o['k']:g} MAD)")
+        for i in range(result["num_layers"]):
+            lines.append(f"{i + 1:5d}  {e['entropy'][i].mean():8.3f} {e['entropy'][i].min():6.3f} "
+                         f"{e['nmi'][i].mean():6.3f} {e['logit_max'][i]:10.2f}   {100 * o['share'][i]:6.2f}%")
+    cka = result.get("cka")
+    if cka is not None:
+        within = cka["within"]
+        lines.append(f"CKA on {cka['num_images']} images: layer i vs i-1 " +
+                     " ".join(f"{within[i, i - 1]:.2f}" for i in range(1, within.shape[0])))
+        if cka["compare"] is not None:
+            n = min(cka["compare"].shape)
+            lines.append("CKA against --compare, layer i vs layer i: " +
+                         " ".join(f"{cka['compare'][i, i]:.2f}" for i in range(n)))
+    probe = result.get("probe")
+    if probe is not None:
+        lines.append(f"linear probes ({probe['num_train']} train / {probe['num_test']} test images, "
+                     f"{probe['num_classes']} classes, majority class {probe['chance']:.2f}):")
+        for name in ("cls_accuracy", "patch_accuracy"):
+            if probe[name] is not None:
+                lines.append(f"  {name:15s}" + " ".join(f"{a:.2f}" for a in probe[name]))
+    elif result.get("probe_skipped"):
+        lines.append(f"linear probes skipped: {result['probe_skipped']}")
     return "\n".join(lines)
+
+
+def representation_inputs(args: argparse.Namespace, model: VisionTransformer, mean, std,
+                          device: torch.device) -> dict:
+    """analyze_model's keyword arguments for the representation set (--probe-images) and --compare."""
+    from data_pipelines.transforms import normalize
+    from vit_experiments.probe_set import load_probe_set
+
+    if args.probe_images < 0 or args.batch_size < 4:
+        raise ValueError("--probe-images must be >= 0 and --batch-size >= 4 (the unbiased CKA estimator)")
+    probe = load_probe_set(args.images, args.probe_images)
+    if probe is None or len(probe) < 4:
+        if args.compare:
+            raise ValueError("--compare needs a representation set of 4 images or more: --probe-images >= 4 and "
+                             "--images a folder or shards")
+        return {}
+    images, labels = probe.decode(model.cfg.image_size, args.crop_pct, model.cfg.in_chans)
+    kw: dict = {"representation_images": normalize(images.to(device), mean, std), "representation_labels": labels,
+                "representation_batch_size": args.batch_size,
+                "num_classes": len(probe.class_names) if labels is not None and probe.class_names else None}
+    print(f"representation set: {len(images)} images" + (f", {len(set(labels.tolist()))} classes" if labels
+                                                          is not None else ", no labels (no probes)"))
+    if args.compare:
+        other, info = load_vit(args.compare, args.trust_checkpoint)
+        saved = info.normalization or {}
+        other_images, _ = probe.decode(other.cfg.image_size, args.crop_pct, other.cfg.in_chans)
+        kw["compare"] = other.to(device)
+        kw["compare_images"] = normalize(other_images.to(device), saved.get("mean") or mean, saved.get("std") or std)
+    return kw
