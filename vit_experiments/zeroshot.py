@@ -3,6 +3,12 @@ any labelled corpus, without training.
 
     vitx zeroshot --ckpt RUN/checkpoints/last.ckpt --images FOLDER_OR_SHARDS [--classes a,b,c | --classes-file F]
                   [--templates clip-imagenet-80] [--num-images N] [--batch-size 256] [--device cuda] [--out OUT.json]
+    vitx zeroshot --ckpt clip-vit-base-patch32/ --images FOLDER --templates clip-imagenet-80   # pretrained weights
+
+The checkpoint is one written by `vitx fit`, or pretrained CLIP weights of another library, read with the
+tokenizer beside them (vit_experiments.checkpoints.clip_readers: a Hugging Face CLIPModel folder, an open_clip
+checkpoint or folder, an OpenAI state dict; `--tokenizer` names a tokenizer kept elsewhere, `--act`,
+`--vision-heads`, `--text-heads` what the weights cannot tell).
 
 The corpus is one of
     a folder of class sub-directories  FOLDER/<class>/**/*.jpg; labels index the sorted sub-directory names
@@ -24,145 +30,32 @@ Prints a summary and writes JSON (`--out`): acc1, acc5, chance, per-class accura
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from vit_experiments.analyze import IMAGE_EXTENSIONS, _image_files
-
-PROG = "vitx zeroshot"
-
-
-class ZeroShotError(ValueError):
-    """A problem with what the user asked for: reported as one line, exit status 2."""
-
-
-# -- the corpus --------------------------------------------------------------------------------------------------
-@dataclass
-class Corpus:
-    """Where the images are and what they are labelled with; `samples()` streams them."""
-
-    kind: str  # "folder" or "shards"
-    source: str
-    shards: list[str] = field(default_factory=list)
-    folder_classes: list[str] = field(default_factory=list)  # sorted sub-directory names (kind "folder")
-    files: list[tuple[str, int]] = field(default_factory=list)  # (path, label), classes interleaved
-
-    def samples(self, limit: Optional[int], skipped: Optional[list] = None
-                ) -> Iterator[tuple[str, bytes, Optional[int], Optional[list[str]]]]:
-        """(name, image bytes, label or None, captions or None), at most `limit` of them; malformed samples are
-        reported and appended to `skipped`."""
-        from data_pipelines.samples import caption_lines
-        from data_pipelines.shards import iter_shard
-        from data_pipelines.transforms import image_bytes
-
-        n = 0
-        if self.kind == "folder":
-            for path, label in self.files[:limit]:
-                with open(path, "rb") as fh:
-                    yield os.path.relpath(path, self.source), fh.read(), label, None
-            return
-        for url in self.shards:
-            for _, sample, problem in iter_shard(url):
-                if limit is not None and n >= limit:
-                    return
-                if problem is not None:
-                    print(f"{PROG}: skipping a sample of {url}: {problem}", file=sys.stderr)
-                    if skipped is not None:
-                        skipped.append(f"{url}: {problem}")
-                    continue
-                try:
-                    data = image_bytes(sample)
-                except KeyError:
-                    continue  # a sample without an image
-                label = int(sample["cls"].decode("ascii").strip()) if "cls" in sample else None
-                captions = caption_lines(sample["txt"]) if "txt" in sample else None
-                n += 1
-                yield sample["__key__"], data, label, captions
-
-
-def _class_folder(root: str) -> Corpus:
-    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    per_class = [(d, _image_files(os.path.join(root, d))) for d in subdirs]
-    per_class = [(d, files) for d, files in per_class if files]
-    if not per_class:
-        loose = _image_files(root)
-        what = (f"{len(loose)} images but no class sub-directories" if loose
-                else f"no images ({', '.join(IMAGE_EXTENSIONS)}) and no .tar shards")
-        raise ZeroShotError(f"{root} holds {what}: zero-shot classification needs FOLDER/<class>/*.jpg or shards "
-                            "with `cls` labels")
-    # interleave the classes (first image of every class, then the second, ...) so --num-images keeps them all
-    longest = max(len(files) for _, files in per_class)
-    files = [(files[i], label) for i in range(longest) for label, (_, files) in enumerate(per_class)
-             if i < len(files)]
-    return Corpus("folder", root, folder_classes=[d for d, _ in per_class], files=files)
-
-
-def open_corpus(spec: str) -> Corpus:
-    """A folder of class sub-directories, a folder of shards, or a shard pattern."""
-    from data_pipelines.urls import expand_urls
-
-    if os.path.isdir(spec):
-        shards = sorted(glob.glob(os.path.join(spec, "val-*.tar"))) or sorted(glob.glob(os.path.join(spec, "*.tar")))
-        if not shards:
-            return _class_folder(spec)
-        return Corpus("shards", spec, shards=shards)
-    try:
-        return Corpus("shards", spec, shards=expand_urls(spec))
-    except (FileNotFoundError, ValueError) as err:
-        raise ZeroShotError(str(err)) from err
-
-
-def _given_classes(args: argparse.Namespace) -> Optional[list[str]]:
-    if args.classes and args.classes_file:
-        raise ZeroShotError("give --classes or --classes-file, not both")
-    if args.classes:
-        names = [c.strip() for c in args.classes.split(",") if c.strip()]
-    elif args.classes_file:
-        with open(args.classes_file, encoding="utf-8") as fh:
-            text = fh.read()
-        names = json.loads(text) if args.classes_file.endswith(".json") else [l.strip() for l in text.splitlines()]
-        names = [str(n).strip() for n in names if str(n).strip()]
-    else:
-        return None
-    if not names:
-        raise ZeroShotError("--classes/--classes-file names no class")
-    return names
-
-
-def class_names_for(corpus: Corpus, given: Optional[list[str]]) -> Optional[list[str]]:
-    """The names put into the prompts, in label order; None for a shard set without class names (then its
-    samples must not carry labels)."""
-    from data_pipelines.metadata import read_classes
-
-    if corpus.kind == "folder":
-        if given is not None and len(given) != len(corpus.folder_classes):
-            raise ZeroShotError(f"{len(given)} class names given but {corpus.source} has {len(corpus.folder_classes)} "
-                                f"class sub-directories ({', '.join(corpus.folder_classes[:5])}, ...); name them all, "
-                                "in sorted order")
-        return given or [c.replace("_", " ") for c in corpus.folder_classes]
-    if given is not None:
-        return given
-    names = read_classes(corpus.shards)
-    return [n.replace("_", " ") for n in names] if names else None
+from vit_experiments.zeroshot_corpus import (  # noqa: F401  (the command's names, importable from here)
+    PROG, Corpus, ZeroShotError, _given_classes, class_names_for, open_corpus,
+)
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
-def load_clip(ckpt: str, tokenizer_path: Optional[str] = None, trust: bool = False):
-    """(CLIP model in eval mode, caption tokenizer, CheckpointInfo); refuses anything but a CLIP checkpoint."""
+def load_clip(ckpt: str, tokenizer_path: Optional[str] = None, trust: bool = False, **overrides):
+    """(CLIP model in eval mode, caption tokenizer, CheckpointInfo); refuses anything but a CLIP checkpoint.
+    `overrides` (act, vision_heads, text_heads) reach the readers of imported CLIPs (checkpoints.clip_readers)."""
     from data_pipelines.tokenizer import CaptionTokenizer
     from vit_experiments.checkpoints import read_checkpoint
+    from vit_experiments.checkpoints.clip_readers import clip_overrides
 
     try:
-        info = read_checkpoint(ckpt, trust=trust)
+        with clip_overrides(**overrides):
+            info = read_checkpoint(ckpt, trust=trust)
     except (FileNotFoundError, ValueError) as err:
         raise ZeroShotError(str(err)) from err
     if info.family != "clip":
@@ -171,17 +64,31 @@ def load_clip(ckpt: str, tokenizer_path: Optional[str] = None, trust: bool = Fal
                             "with an image and a text tower (`vitx fit --config conf/clip/...`)")
     if info.config is None:
         raise ZeroShotError(f"{ckpt} holds bare CLIP weights without an architecture; give a checkpoint written by "
-                            "`vitx fit`")
-    if tokenizer_path:
-        tokenizer = CaptionTokenizer.load(tokenizer_path)
-    elif info.tokenizer:
-        tokenizer = CaptionTokenizer.from_str(info.tokenizer)
-    else:
-        raise ZeroShotError(f"{ckpt} carries no caption tokenizer; give --tokenizer FILE (the one it was trained with)")
+                            "`vitx fit`, or pretrained weights in the Hugging Face, open_clip or OpenAI layout")
+    for note in info.notes:
+        print(f"{PROG}: {info.source}: {note}", file=sys.stderr)
     text = info.config.text
+    try:
+        if tokenizer_path:  # vitx's JSON, a tokenizer.json, OpenAI's merges file, or a folder with one
+            tokenizer = CaptionTokenizer.load(tokenizer_path, context_length=text.context_length)
+        elif info.tokenizer:
+            tokenizer = CaptionTokenizer.from_str(info.tokenizer)
+        else:
+            raise ZeroShotError(f"{ckpt} carries no caption tokenizer; give --tokenizer FILE (the one it was trained "
+                                "with, or the tokenizer.json / bpe_simple_vocab_16e6.txt.gz of pretrained weights)")
+    except (FileNotFoundError, ValueError) as err:
+        raise ZeroShotError(str(err)) from err
     if tokenizer.vocab_size > text.vocab_size or tokenizer.context_length > text.context_length:
         raise ZeroShotError(f"the tokenizer ({tokenizer.vocab_size} tokens, context {tokenizer.context_length}) does "
                             f"not fit the text tower ({text.vocab_size} tokens, context {text.context_length})")
+    # the text tower reads each caption at its end token: the tokenizer must write the one the tower looks for
+    if text.eot_pooling == "first" and tokenizer.eot_id != text.eot_token_id:
+        raise ZeroShotError(f"the tokenizer's end token is {tokenizer.eot_id} but the text tower reads captions at "
+                            f"{text.eot_token_id}: is it the tokenizer these weights were trained with?")
+    if text.eot_pooling == "argmax" and tokenizer.eot_id != tokenizer.vocab_size - 1:
+        raise ZeroShotError(f"the text tower reads captions at their highest token id, but this tokenizer's end token "
+                            f"({tokenizer.eot_id}) is not its highest ({tokenizer.vocab_size - 1}): give the tokenizer "
+                            "these weights were trained with")
     return info.build().eval(), tokenizer, info
 
 
@@ -310,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Zero-shot classification accuracy (top-1, top-5) of a CLIP checkpoint on a labelled corpus, and "
                     "image-text retrieval recall when the corpus has captions.")
-    p.add_argument("--ckpt", required=True, help="a CLIP checkpoint written by vitx fit (RUN/checkpoints/last.ckpt)")
+    p.add_argument("--ckpt", required=True,
+                   help="a CLIP checkpoint written by vitx fit (RUN/checkpoints/last.ckpt), or pretrained CLIP weights: "
+                        "a Hugging Face CLIPModel folder, an open_clip checkpoint or folder, an OpenAI state dict")
     p.add_argument("--images", required=True,
                    help="a folder of class sub-directories (FOLDER/<class>/*.jpg), a folder of WebDataset shards "
                         "(val-*.tar preferred) or a shard pattern ('data/x/val-{000000..000003}.tar')")
@@ -327,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--precision", choices=("32", "bf16", "16"), default="32",
                    help="32 (default), or autocast to bf16/16")
-    p.add_argument("--tokenizer", help="caption tokenizer JSON, for a checkpoint that carries none")
+    p.add_argument("--tokenizer",
+                   help="the caption tokenizer, for weights without one beside them: vitx's JSON, a Hugging Face "
+                        "tokenizer.json, OpenAI's bpe_simple_vocab_16e6.txt.gz, or a folder holding one")
+    p.add_argument("--act", choices=("gelu", "gelu_tanh", "quick_gelu"),
+                   help="imported CLIP weights: the MLP activation, over what the config (or the layout's default: "
+                        "quick_gelu for OpenAI's, gelu for open_clip's) says")
+    p.add_argument("--vision-heads", type=int, help="imported CLIP weights: the image tower's attention heads "
+                                                    "(default: the config's, else width // 64)")
+    p.add_argument("--text-heads", type=int, help="imported CLIP weights: the text tower's attention heads")
     p.add_argument("--no-retrieval", action="store_true", help="skip retrieval even when the samples have captions")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding threads")
     p.add_argument("--out", help="write the results as JSON here")
@@ -368,7 +285,8 @@ def run(args: argparse.Namespace) -> dict:
     if not 0.0 < args.crop_pct <= 1.0:
         raise ZeroShotError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     templates = get_templates(args.templates)
-    model, tokenizer, info = load_clip(args.ckpt, args.tokenizer, args.trust_checkpoint)
+    model, tokenizer, info = load_clip(args.ckpt, args.tokenizer, args.trust_checkpoint, act=args.act,
+                                       vision_heads=args.vision_heads, text_heads=args.text_heads)
     corpus = open_corpus(args.images)
     class_names = class_names_for(corpus, _given_classes(args))
     first = next(corpus.samples(1), None)

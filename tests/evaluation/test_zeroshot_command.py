@@ -45,8 +45,8 @@ def run_dir(corpus, tmp_path_factory) -> Path:
     """One epoch (4 steps) of the demo config; its validation runs both evaluation callbacks."""
     runs = tmp_path_factory.mktemp("runs")
     main(["fit", *tiny_args(DEMO, corpus, runs, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
-                            "--trainer.callbacks.log_images", "false", "--trainer.callbacks.save_figures", "false",
-                            "--trainer.callbacks.at_start", "false")])
+                            "--analysis.log_images", "false", "--analysis.save_figures", "false",
+                            "--analysis.at_start", "false")])
     (path,) = runs.glob("*/version_*")
     return path
 
@@ -131,8 +131,9 @@ def test_refusals(run_dir, corpus, class_folder, tmp_path, capsys):
     flat.mkdir()
     shutil.copy(next(class_folder.rglob("*.jpg")), flat / "a.jpg")
     bare = tmp_path / "bare.pt"
-    torch.save(VisionTransformer(ViTConfig(variant=None, image_size=16, patch_size=8, embed_dim=32, depth=1,
-                                           num_heads=2, mlp_dim=64)).state_dict(), bare)
+    # bare ViT weights (64 wide: their heads, 64-wide, can be inferred): read as a ViT, not a CLIP
+    torch.save(VisionTransformer(ViTConfig(variant=None, image_size=16, patch_size=8, embed_dim=64, depth=1,
+                                           num_heads=1, mlp_dim=64)).state_dict(), bare)
     cases = [
         (["--ckpt", str(_vit_checkpoint(tmp_path / "vit.ckpt")), "--images", str(class_folder)],
          "ViT/DeiT classifier"),
