@@ -14,6 +14,7 @@ KINDS = {
     "vit-model": (transformers.ViTConfig, transformers.ViTModel),
     "deit-teacher": (transformers.DeiTConfig, transformers.DeiTForImageClassificationWithTeacher),
     "deit": (transformers.DeiTConfig, transformers.DeiTForImageClassification),
+    "deit-model": (transformers.DeiTConfig, transformers.DeiTModel),
 }
 
 

@@ -62,11 +62,13 @@ def test_deit_for_classification_reads_its_distillation_token_as_a_register(tmp_
         torch.testing.assert_close(info.build()(x), ref(pixel_values=x).logits, **TOL)
 
 
-def test_vit_model_without_a_head_gives_transformers_last_hidden_state(tmp_path):
-    ref = hf_model("vit-model")
+@pytest.mark.parametrize("kind", ["vit-model", "deit-model"])
+def test_models_without_a_head_give_transformers_last_hidden_state(kind, tmp_path):
+    ref = hf_model(kind)
     ref.save_pretrained(tmp_path)
     info = read_checkpoint(str(tmp_path))
     assert info.config.num_classes == 0 and info.class_names is None  # the pooler is not imported
+    assert info.config.num_distill_tokens == (kind == "deit-model")
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(info.build().forward_features(x), ref(pixel_values=x).last_hidden_state, **TOL)

@@ -178,3 +178,19 @@ def test_big_vision_pre_logits_leave_the_backbone(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(info.build().forward_features(x),
                                    ref.vit(pixel_values=x).last_hidden_state, **TOL)
+
+
+def test_big_vision_without_a_class_token_is_average_pooled(tmp_path):
+    """big_vision's "gap" models: no cls, the position embedding on the patches, the encoder norm on every token
+    and the mean of them all under the head."""
+    w = _jax_arrays(hf_model("vit", hidden_act="gelu_pytorch_tanh"), "big_vision")
+    del w["params/cls"]
+    np.savez(tmp_path / "gap.npz", **w)
+    info = read_checkpoint(str(tmp_path / "gap.npz"))
+    cfg = info.config
+    assert (cfg.class_token, cfg.pool, cfg.fc_norm, cfg.num_prefix_tokens, cfg.image_size) == (False, "avg", False, 0, 32)
+    model, x = info.build(), images()
+    with torch.no_grad():
+        tokens = model.forward_features(x)  # (B, 16, D) after the encoder norm
+        torch.testing.assert_close(model(x), model.head(tokens.mean(1)), **TOL)
+        assert tokens.shape == (3, 16, 64)
