@@ -85,6 +85,7 @@ class RecordSteps(L.Callback):
         self._seen = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._seen = trainer.global_step  # a resumed run starts at its checkpoint's step
         model = trainer.strategy.model
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -116,8 +117,19 @@ class RecordSteps(L.Callback):
             torch.save(self.steps, Path(self.path))
 
 
+class RaiseTemperature(L.Callback):
+    """A fault injected into the temperature's gradient (minus `by` in every backward that reaches it), so that
+    descent raises the logit scale above its ceiling and the clamp after each step has work to do."""
+
+    def __init__(self, by: float = 1.0) -> None:
+        self.by = by
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        pl_module.model.logit_scale.register_hook(lambda grad: grad - self.by)
+
+
 def experiment(tmp: Path, name: str, split: int, pairs: int = 16, steps: int = 2, epochs: int = 1,
-               clip: dict | None = None, trainer: dict | None = None) -> dict:
+               clip: dict | None = None, trainer: dict | None = None, callbacks: tuple = ()) -> dict:
     """A tiny CLIP experiment (the shipped ContrastivePretraining) on SplitBatchData that records its steps in
     tmp/<name>.pt; a dict to write as YAML and give to `vitx fit --config`."""
     return {
@@ -127,13 +139,14 @@ def experiment(tmp: Path, name: str, split: int, pairs: int = 16, steps: int = 2
             "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
             "logger": False, "enable_checkpointing": False, "default_root_dir": str(tmp / "root"),
             "callbacks": [{"class_path": "tests.distributed._contrastive_accum.RecordSteps",
-                           "init_args": {"path": str(tmp / f"{name}.pt")}}],
+                           "init_args": {"path": str(tmp / f"{name}.pt")}}, *callbacks],
             **(trainer or {}),
         },
         "model": {
             "class_path": "vit_experiments.tasks.contrastive.ContrastivePretraining",
             "init_args": {"clip": clip or TINY_CLIP, "optim": {"lr": 1e-3, "warmup_steps": 2}},
         },
+        "analysis": {"enabled": False},  # vitx's attention analysis of every run: not what is tested, and slow
         "data": {"class_path": "tests.distributed._contrastive_accum.SplitBatchData",
                  "init_args": {"pairs": pairs, "steps": steps, "split": split}},
     }

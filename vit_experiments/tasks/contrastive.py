@@ -175,7 +175,8 @@ class ContrastivePretraining(VisionTask):
 
     def contrastive_batch_message(self) -> str:
         """One line: how many pairs one optimizer step scores against each other, and how they are made up."""
-        per_device = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        dm = getattr(self.trainer, "datamodule", None)
+        per_device = getattr(dm, "batch_size", None) or (getattr(dm, "hparams", None) or {}).get("batch_size")
         world, k = self.trainer.world_size, self.accumulate
         parts = [f"{per_device or 'data.batch_size'} per device", f"{world} device{'s' * (world > 1)}"]
         if k > 1:
