@@ -8,17 +8,52 @@ from matplotlib.figure import Figure
 from vit_experiments.analysis import plots
 
 
-def test_attention_distance_scatter_has_one_dot_per_head():
-    d = np.arange(12, dtype=float).reshape(4, 3)  # (layers, heads)
-    fig = plots.plot_attention_distance(d, image_size=(64, 64), title="t")
+def test_attention_distance_scatter_has_one_dot_per_head_and_heads_apart():
+    d = np.full((4, 3), 5.0)  # (layers, heads), every head at the same distance: they must not hide each other
+    fig = plots.plot_attention_distance(d, image_size=(64, 64), title="t", uniform=20.0)
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
     offsets = np.concatenate([c.get_offsets() for c in ax.collections])
     assert offsets.shape == (12, 2)
-    assert sorted(set(offsets[:, 0])) == [1, 2, 3, 4]  # layers numbered from 1 as in the paper
-    np.testing.assert_array_equal(np.sort(offsets[:, 1]), np.arange(12))
+    assert len({tuple(p) for p in offsets}) == 12  # twelve distinct dots
+    np.testing.assert_array_equal(np.round(offsets[:, 0]), [1, 2, 3, 4] * 3)  # layers from 1
+    assert np.abs(offsets[:, 0] - np.round(offsets[:, 0])).max() < 0.5  # each dot beside its layer's tick
+    markers = {c.get_paths()[0].vertices.tobytes() for c in ax.collections}
+    assert len(markers) == 3  # a marker per head, not only a colour
+    (line,) = ax.get_lines()
+    assert line.get_ydata()[0] == 20.0 and "uniform attention" in [t.get_text() for t in ax.get_legend().texts]
     img = plots.figure_to_array(fig)
-    assert img.shape == (400, 600, 3) and img.dtype == np.uint8
+    assert img.dtype == np.uint8 and img.shape[1] >= 600 and img.shape[0] >= 400
+
+
+def test_uniform_attention_distance():
+    assert plots.uniform_attention_distance((1, 1), 16) == 0.0
+    assert plots.uniform_attention_distance((1, 2), 8) == pytest.approx(4.0)  # half the pairs are 8 px apart
+    # brute force on a 3 x 4 grid of 4-px patches
+    cy, cx = np.meshgrid(np.arange(3) * 4.0, np.arange(4) * 4.0, indexing="ij")
+    c = np.stack([cy.ravel(), cx.ravel()], 1)
+    ref = np.mean([np.hypot(*(a - b)) for a in c for b in c])
+    assert plots.uniform_attention_distance((3, 4), 4) == pytest.approx(ref)
+
+
+@pytest.mark.parametrize("layers, heads", [(4, 3), (24, 16)])
+def test_attention_distance_scatter_reads_from_4_to_24_layers(layers, heads):
+    d = np.random.default_rng(0).uniform(0, 20, (layers, heads))
+    fig = plots.plot_attention_distance(d, image_size=(32, 32), uniform=16.5)
+    ax = fig.axes[0]
+    assert len(ax.get_xticks()) <= 16  # no crowded tick labels at 24 layers
+    assert plots.figure_to_array(fig).shape[1] >= 600
+
+
+@pytest.mark.parametrize("grid", [8, 14, 16])
+def test_position_similarity_figure_keeps_tiles_readable(grid):
+    fig = plots.plot_position_similarity(torch.rand(grid, grid, grid, grid) * 2 - 1)
+    ax, bar = fig.axes  # the tiles and their colour bar
+    assert bar.get_ylabel() == "Cosine similarity"
+    assert ax.get_xlabel() == "Input patch column" and ax.get_ylabel() == "Input patch row"
+    width = plots.figure_to_array(fig).shape[1]
+    tile = width * ax.get_position().width / grid
+    assert tile >= 40, f"{grid}x{grid} tiles of {tile:.0f} px"
 
 
 def test_similarity_tiles_image_shape_and_placement():
@@ -56,6 +91,10 @@ def test_rollout_overlays_and_figure():
     assert grid.shape == (2 * 24 + 3 * 2, 3 * 32 + 4 * 2, 3)
     fig = plots.plot_rollout(images, maps, ncols=3)
     assert isinstance(fig, Figure) and plots.figure_to_array(fig).ndim == 3
+    # each input beside its overlay, and the heat map's colour scale
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles.count("input") == 3 and titles.count("rollout") == 3
+    assert len(fig.axes) == 2 * 5 + 1 and "rollout" in fig.axes[-1].get_ylabel()
     with pytest.raises(ValueError, match="maps of shape"):
         plots.rollout_overlay_images(images, maps[:2])
 

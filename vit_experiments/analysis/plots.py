@@ -70,35 +70,64 @@ def image_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 2, fi
 # Fig. 11: mean attention distance against depth
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def uniform_attention_distance(grid_size: Tuple[int, int], patch_size: int) -> float:
+    """Mean attention distance (pixels) of uniform attention over a gh x gw grid of `patch_size`-px patches.
+
+    Every query spreads its attention evenly over all patch keys, so its distance is the mean distance from its
+    patch centre to every patch centre; this is that mean over the queries. The reference line of the scatter:
+    heads above it attend further than chance, heads below it are local.
+    """
+    gh, gw = int(grid_size[0]), int(grid_size[1])
+    ys, xs = np.meshgrid(np.arange(gh, dtype=np.float64), np.arange(gw, dtype=np.float64), indexing="ij")
+    c = np.stack([ys.ravel(), xs.ravel()], axis=1)  # (gh * gw, 2) patch centres in patch units
+    d = np.sqrt(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1))  # (N, N)
+    return float(d.mean() * patch_size)
+
+
 def plot_attention_distance(distances: ArrayLike, image_size: Optional[Tuple[int, int]] = None,
-                            title: Optional[str] = None) -> Figure:
+                            title: Optional[str] = None, uniform: Optional[float] = None) -> Figure:
     """Scatter of mean attention distance (pixels) against layer, one dot per head.
 
-    distances: (layers, heads). Layers are numbered from 1 on the x axis as in the paper; heads get
-    distinct colours. With image_size (H, W), the y axis reaches at least half the image diagonal, so
-    figures from different stages of training share a scale.
+    distances: (layers, heads). Layers are numbered from 1 on the x axis as in the paper. Heads are told apart by
+    colour and marker, and each head sits at its own small horizontal offset from the layer's tick, so heads with
+    equal distances do not hide each other. With image_size (H, W), the y axis reaches at least half the image
+    diagonal, so figures from different stages of training share a scale. uniform: the distance uniform attention
+    gives (uniform_attention_distance), drawn as a dashed reference line.
     """
     d = _np(distances).astype(np.float64)
     if d.ndim != 2:
         raise ValueError(f"expected distances of shape (layers, heads), got {d.shape}")
     layers, heads = d.shape
     legend = heads <= 16
-    fig = new_figure((6.0 if legend else 5.0, 4.0))
+    fig = new_figure((max(6.0, 1.6 + 0.32 * layers) + (1.1 if legend else 0.0), 4.2))
     ax = fig.add_subplot(1, 1, 1)
     cmap = colormaps["tab20" if heads > 10 else "tab10"]
     depth = np.arange(1, layers + 1)
+    spread = 0.6 if heads > 1 else 0.0  # the heads of a layer share 60% of the gap between two layers
     for h in range(heads):
-        ax.scatter(depth, d[:, h], s=14, color=cmap(h % cmap.N), label=f"head {h + 1}", alpha=0.85)
+        offset = spread * ((h + 0.5) / heads - 0.5)
+        ax.scatter(depth + offset, d[:, h], s=22, color=cmap(h % cmap.N), marker=MARKERS[h % len(MARKERS)],
+                   label=f"head {h + 1}", alpha=0.9, edgecolors="black", linewidths=0.3)
+    if uniform is not None and np.isfinite(uniform):
+        ax.axhline(uniform, color="0.35", linestyle="--", linewidth=1.0, label="uniform attention")
     ax.set_xlabel("Network depth (layer)")
     ax.set_ylabel("Mean attention distance (pixels)")
-    ax.set_xticks(depth if layers <= 16 else np.linspace(1, layers, 8).round().astype(int))
+    ax.set_xticks(depth if layers <= 16 else depth[:: int(np.ceil(layers / 12))])
+    ax.set_xlim(0.5, layers + 0.5)
     top = np.nanmax(d) if np.isfinite(d).any() else 1.0
     if image_size is not None:
         top = max(top, 0.5 * float(np.hypot(*image_size)))
+    if uniform is not None and np.isfinite(uniform):
+        top = max(top, uniform)
     ax.set_ylim(0, top * 1.05 + 1e-6)
     ax.grid(alpha=0.3)
     if legend:  # outside the axes: early layers' local heads sit at the bottom, late ones at the top
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, markerscale=0.8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    elif uniform is not None:
+        ax.legend(handles=ax.get_lines(), fontsize=7, loc="lower right")
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -141,7 +170,9 @@ def plot_position_similarity(sim: ArrayLike, vmin: float = -1.0, vmax: float = 1
     s = _np(sim)
     mosaic = similarity_mosaic(s, gap=1)
     gh, gw, th, tw = s.shape
-    fig = new_figure((5.4, 5.0))
+    # about 0.55 in (55 px at 100 dpi) per tile from an 8 x 8 to a 16 x 16 grid, so every tile stays readable
+    side = float(np.clip(0.55 * max(gh, gw) + 1.5, 5.4, 10.5))
+    fig = new_figure((side + 0.9, side))
     ax = fig.add_subplot(1, 1, 1)
     cm = colormaps[cmap].with_extremes(bad="white")
     im = ax.imshow(mosaic, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest")
@@ -209,22 +240,41 @@ def rollout_overlay_images(images: ArrayLike, maps: ArrayLike, alpha: float = 0.
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def plot_rollout(images: ArrayLike, maps: ArrayLike, ncols: int = 4, alpha: float = 0.5,
+def plot_rollout(images: ArrayLike, maps: ArrayLike, ncols: int = 4, alpha: float = 0.5, cmap: str = "jet",
                  title: Optional[str] = "Attention rollout") -> Figure:
-    """Pairs of (input, rollout overlay) for each image, `ncols` pairs per row, drawn as one image."""
+    """Each probe image beside its rollout overlay, `ncols` pairs per row, with the heat map's colour scale.
+
+    Each map is min-max scaled over its own image (rollout_overlay_images), so the colour bar reads from the
+    least to the most attended patch of that image.
+    """
     imgs = to_display_images(images)  # (B, H, W, 3)
-    over = rollout_overlay_images(images, maps, alpha)  # (B, H, W, 3)
+    over = rollout_overlay_images(images, maps, alpha, cmap=cmap)  # (B, H, W, 3)
     b, h, w, _ = imgs.shape
-    gap = np.full((b, h, max(1, w // 32), 3), 255, dtype=np.uint8)
-    pairs = np.concatenate([imgs, gap, over], axis=2)  # (B, H, 2W + gap, 3)
     ncols = max(1, min(ncols, b))
-    mosaic = image_grid(pairs, ncols=ncols, pad=max(2, w // 8))
-    fig = new_figure((min(16.0, 1.0 + 2.6 * ncols), 0.6 + 2.6 * ncols * mosaic.shape[0] / mosaic.shape[1]))
-    ax = fig.add_axes((0.01, 0.01, 0.98, 0.9 if title else 0.98))
-    ax.imshow(mosaic, interpolation="nearest" if h < 64 else "antialiased")
-    ax.set_axis_off()
+    nrows = int(np.ceil(b / ncols))
+    cell = 1.25  # inches per image: 125 px at 100 dpi, whatever the image size
+    fig = new_figure((2 * ncols * cell + 1.0, nrows * (0.85 * cell + 0.25) + (0.45 if title else 0.1)))
+    grid = fig.add_gridspec(nrows, 2 * ncols + 1, width_ratios=[1.0] * (2 * ncols) + [0.12],
+                            left=0.02, right=0.93, bottom=0.02, top=0.86 if title else 0.97, wspace=0.06, hspace=0.2)
+    for i in range(b):
+        r, c = divmod(i, ncols)
+        for k, (pic, label) in enumerate(((imgs[i], "input"), (over[i], "rollout"))):
+            ax = fig.add_subplot(grid[r, 2 * c + k])
+            ax.imshow(pic, interpolation="nearest" if h < 64 else "antialiased")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=8)
+    bar = fig.add_subplot(grid[:, -1])
+    scale = bar.imshow(np.linspace(1.0, 0.0, 256)[:, None], aspect="auto", cmap=cmap, extent=(0, 1, 0, 1))
+    bar.set_xticks([])
+    bar.yaxis.tick_right()
+    bar.set_yticks([0, 0.5, 1], ["min", "", "max"], fontsize=7)
+    bar.set_ylabel("rollout (per image)", fontsize=7)
+    bar.yaxis.set_label_position("right")
+    del scale
     if title:
-        ax.set_title(f"{title} (left: input, right: rollout)", fontsize=10)
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
