@@ -98,16 +98,19 @@ def test_shards_clip_image_tower_and_deit(tmp_path, tiny_shapes, capsys):
 
 
 def test_errors_say_what_to_do(tmp_path, capsys):
-    from vit_experiments.models.resnet import ResNetConfig
+    from vit_experiments.models.resnet import ResNet, ResNetConfig
     from vit_experiments.tasks.classification import ImageClassifier
 
     args = ["--images", str(tmp_path), "--out", str(tmp_path / "o")]
     assert main_analyze(["--ckpt", str(tmp_path / "nope.ckpt"), *args]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     vit = VisionTransformer(ViTConfig(**CFG))
-    torch.save(vit.state_dict(), tmp_path / "bare.pth")
+    torch.save(vit.state_dict(), tmp_path / "bare.pth")  # bare ViT weights: the heads of a 16-wide model are a guess
     assert main_analyze(["--ckpt", str(tmp_path / "bare.pth"), *args]) == 2
-    assert "without an architecture" in capsys.readouterr().err
+    assert "cannot infer the number of attention heads" in capsys.readouterr().err
+    torch.save(ResNet(ResNetConfig(depth=18, base_width=4)).state_dict(), tmp_path / "bare_resnet.pth")
+    assert main_analyze(["--ckpt", str(tmp_path / "bare_resnet.pth"), *args]) == 2
+    assert "architecture vitx cannot tell" in capsys.readouterr().err
     resnet = ImageClassifier(resnet=ResNetConfig(depth=18, base_width=4, num_classes=3))
     assert main_analyze(["--ckpt", str(task_checkpoint(tmp_path / "r.ckpt", resnet)), *args]) == 2
     assert "need a vision transformer" in capsys.readouterr().err
