@@ -45,13 +45,6 @@ class CaptionTokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer):
-        if tokenizer.token_to_id(SOT) is not None:  # vitx's own: the special tokens at ids 0, 1, 2
-            for i, name in enumerate(SPECIAL_TOKENS):
-                if tokenizer.token_to_id(name) != i:
-                    raise ValueError(
-                        f"this tokenizer maps {name!r} to {tokenizer.token_to_id(name)}, not {i}; "
-                        "train one with CaptionTokenizer.train or `vitx data train-tokenizer`"
-                    )
         trunc = tokenizer.truncation
         if trunc is None or tokenizer.padding is None:
             raise ValueError("the tokenizer has no fixed context length; train it with CaptionTokenizer.train, or "
@@ -59,7 +52,8 @@ class CaptionTokenizer:
         self._tok = tokenizer
         self.context_length = int(trunc["max_length"])
         # the start and end tokens are the ones the post-processor puts around every caption: 1 and 2 for vitx's
-        # own tokenizers, <|startoftext|> and <|endoftext|> (49406, 49407) for CLIP's BPE
+        # own tokenizers (other ids once exported, see checkpoints/clip_export.py), <|startoftext|> and
+        # <|endoftext|> (49406, 49407) for CLIP's BPE
         self.sot_id, self.eot_id = _bracket_ids(tokenizer)
         self.pad_id = int(tokenizer.padding["pad_id"])
 

@@ -14,6 +14,7 @@
   (register tokens, average pooling, norm_pre, a patch projection without bias) are refused: export those as timm.
 
 Any checkpoint vitx reads can be exported (a vitx run, or imported weights: a conversion between layouts).
+A CLIP exports as hf (transformers.CLIPModel) or open_clip: vit_experiments/checkpoints/clip_export.py.
 """
 
 from __future__ import annotations
@@ -154,8 +155,9 @@ def export_hf(info: CheckpointInfo, out: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitx export", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="any checkpoint vitx reads (RUN/checkpoints/last.ckpt, ...)")
-    p.add_argument("--format", required=True, choices=("timm", "hf"), help="timm: a state dict; hf: a "
-                   "save_pretrained folder for transformers")
+    p.add_argument("--format", required=True, choices=("timm", "hf", "open_clip"), help="timm: a state dict; hf: a "
+                   "save_pretrained folder for transformers; open_clip (CLIP): a state dict or folder, see "
+                   "vit_experiments/checkpoints/clip_export.py")
     p.add_argument("--out", required=True, help="timm: FILE.safetensors, FILE.pth or a folder; hf: a folder")
     p.add_argument("--num-heads", type=int, default=None, help="heads of imported weights that do not name them")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -168,7 +170,13 @@ def main_export(argv: Optional[Sequence[str]] = None) -> int:
     try:
         info = read_checkpoint(args.ckpt, trust=args.trust_checkpoint, num_heads=args.num_heads)
         info = dataclasses.replace(info, state_dict=info.build().state_dict())  # every key checked on the way
-        paths = export_timm(info, args.out) if args.format == "timm" else export_hf(info, args.out)
+        if info.family == "clip" or args.format == "open_clip":
+            from vit_experiments.checkpoints.clip_export import export_clip
+
+            paths, notes = export_clip(info, args.format, args.out)
+            info.notes.extend(notes)
+        else:
+            paths = export_timm(info, args.out) if args.format == "timm" else export_hf(info, args.out)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"vitx export: {err}", file=sys.stderr)
         return 2

@@ -4,7 +4,6 @@ prompts; OpenAI weights take their tokenizer from --tokenizer."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np

@@ -176,6 +176,15 @@ def _tokenizer(folder: str, context_length: int) -> Optional[str]:
     return load_tokenizer(found, context_length).to_str() if found else None
 
 
+def _argmax_eot(tokenizer: Optional[str], vocab_size: int) -> int:
+    """The end token of a text tower that reads the highest id: the tokenizer's, else the vocabulary's last id."""
+    if tokenizer is None:
+        return vocab_size - 1
+    from data_pipelines.tokenizer import CaptionTokenizer
+
+    return CaptionTokenizer.from_str(tokenizer).eot_id
+
+
 def _normalization(configs: dict) -> dict:
     from data_pipelines.transforms import CLIP_MEAN, CLIP_STD
 
@@ -229,7 +238,7 @@ def read_hf_clip(contents: Any, path: str) -> Optional[CheckpointInfo]:
         mlp_dim=state["text.blocks.0.mlp.fc1.weight"].shape[0], norm_eps=float(tc.get("layer_norm_eps", 1e-5)),
         act=_act(tc.get("hidden_act"), "quick_gelu", hf_default, notes),
         # transformers reads the argmax for the configs written before eos_token_id was right (it was 2)
-        eot_token_id=vocab - 1 if eos == 2 else int(eos), eot_pooling="argmax" if eos == 2 else "first")
+        eot_token_id=_argmax_eot(tokenizer, vocab) if eos == 2 else int(eos), eot_pooling="argmax" if eos == 2 else "first")
     config = CLIPConfig(embed_dim=state["text.text_projection.weight"].shape[0], vision=vision, text=text)
     _check_fits(config, state, path, "Hugging Face")
     return CheckpointInfo(path=path, source="hf-clip", family="clip", config=config, state_dict=state,
@@ -289,11 +298,7 @@ def read_openai_clip(contents: Any, path: str) -> Optional[CheckpointInfo]:
     vocab, width = state["text.token_embedding.weight"].shape
     ctx = state["text.positional_embedding"].shape[0]
     tokenizer = _tokenizer(folder, ctx)
-    eot = vocab - 1
-    if tokenizer is not None:
-        from data_pipelines.tokenizer import CaptionTokenizer
-
-        eot = CaptionTokenizer.from_str(tokenizer).eot_id
+    eot = _argmax_eot(tokenizer, vocab)
     text = TextConfig(vocab_size=vocab, context_length=ctx, width=width,
                       depth=_count(state, r"text\.blocks\.(\d+)\.norm1\.weight"),
                       num_heads=_heads(width, tcfg.get("heads"), "text", notes),
