@@ -48,7 +48,10 @@ def test_analyze_reads_a_timm_file_with_registers(tmp_path, capsys):
 def test_fine_tuning_from_a_hugging_face_folder_resamples_and_replaces_the_head(tmp_path):
     ref = hf_model("vit")
     ref.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
+                                                                          "image_std": [0.5] * 3}))
     task = ImageClassifier(ViTConfig(**{**VIT, "image_size": 48, "num_classes": 3}), init_from=str(tmp_path / "hf"))
+    assert any("mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]: give the same (--model.mean" in n for n in task.init_notes)
     assert any("pos_embed resampled 4x4 -> 6x6" in n for n in task.init_notes)
     assert any("head.weight" in n for n in task.init_notes) and torch.count_nonzero(task.model.head.weight) == 0
     torch.testing.assert_close(task.model.blocks[1].mlp.fc2.weight, ref.vit.layers[1].mlp.fc2.weight)

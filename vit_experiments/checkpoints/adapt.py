@@ -78,6 +78,10 @@ def load_weights(model: nn.Module, source: Union[str, CheckpointInfo], reset_hea
     state = dict(info.state_dict)
     own = model.state_dict()
     notes: list[str] = list(info.notes) + _architecture_notes(info, model)
+    # published weights were trained with their own normalisation, which the task does not take from the file
+    if info.normalization and info.source != "vitx":
+        notes.append(f"the checkpoint was trained on images normalised with mean {info.normalization['mean']}, std "
+                     f"{info.normalization['std']}: give the same (--model.mean, --model.std) unless the data's fit")
     for prefix, vit in _vits(model):
         _resample(state, prefix, vit, notes)
     heads = _head_keys(model)
