@@ -80,6 +80,12 @@ bench: install
 tensorboard: install
 	$(BIN)/tensorboard --logdir $(RUNS) --bind_all
 
+## TensorBoard as a user sees it: a short run of conf/vit/pretrain.yaml, every expected tag checked through
+## TensorBoard's HTTP API, headless-Chromium screenshots of each tab in runs/dashboard-check/screenshots/.
+.PHONY: dashboard-check
+dashboard-check: install
+	$(BIN)/python tools/dashboard_check.py $(ARGS)
+
 ## Write the synthetic demo corpus by hand (pretrain does this itself when it is missing).
 data: install
 	$(BIN)/vitx data synth data/shapes

@@ -227,7 +227,9 @@ class VitxCLI(LightningCLI):
         SIGTERM, Ctrl-C and exceptions. A config that sets one of them itself keeps its own settings."""
         from lightning.fabric.plugins import CheckpointIO
 
+        from vit_experiments.callbacks.analysis import AttentionAnalysis
         from vit_experiments.callbacks.checkpointing import AtomicCheckpointIO
+        from vit_experiments.callbacks.dashboard import run_callbacks
         from vit_experiments.callbacks.interruption import InterruptCheckpoint
         from vit_experiments.callbacks.run_guard import NonFiniteGuard, RequireProgress
 
@@ -251,7 +253,19 @@ class VitxCLI(LightningCLI):
             config["callbacks"] = [interrupt] + (list(own) if isinstance(own, (list, tuple)) else [own] if own else [])
             if self.piped:
                 extra.append(ResumeWithSavedConfig(interrupt, self._resume_command))
+        extra += run_callbacks(config, given)  # dashboard, images/s progress bar, model summary
+        own = [c for c in config.get("callbacks") or [] if isinstance(c, AttentionAnalysis)]
+        if own:  # an older config lists the analysis among its callbacks: that one runs, the `analysis:` group not
+            callbacks = [c for c in callbacks if not isinstance(c, AttentionAnalysis) or c in own]
         return super()._instantiate_trainer(config, list(callbacks) + extra)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """`analysis:` (--analysis.every_n_steps 10, --analysis.num_images 4, --analysis.enabled false): the
+        attention analysis of every run, a group of its own rather than an entry of trainer.callbacks, whose
+        list a flag cannot reach into."""
+        from vit_experiments.callbacks.analysis import AttentionAnalysis
+
+        parser.add_lightning_class_args(AttentionAnalysis, "analysis")
 
     def _resume_command(self, saved_config: Optional[str] = None) -> str:
         """The command line without its --ckpt_path; a piped config, gone once read, replaced by the run's saved

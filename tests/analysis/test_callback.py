@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vit_experiments.callbacks.analysis import IMAGE_TAGS, AttentionAnalysis, find_backbone
+from vit_experiments.callbacks.analysis import COST_TAGS, IMAGE_TAGS, AttentionAnalysis, find_backbone
 
 from ._tiny import TinyClassifier, TinyCLIPLike, loaders
 
@@ -38,12 +38,16 @@ def test_fit_logs_tags_and_writes_files(tmp_path):
     acc = events(log_dir)
     scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
     for layer in ("layer_01", "layer_02"):
-        assert {f"attention_distance/{layer}/{s}" for s in ("mean", "min", "max")} <= scalars
-        assert f"prefix_attention/{layer}" in scalars
-    assert {"position_embedding/topology_score", "analysis/seconds", "analysis/time_share"} <= scalars
+        assert {f"analysis/attention_distance{s}/{layer}" for s in ("", "_min", "_max")} <= scalars
+        assert f"analysis/prefix_attention/{layer}" in scalars
+    assert {"analysis/position_embedding/topology_score", *COST_TAGS} <= scalars
+    ours = {t for t in scalars if not t.startswith(("train/", "val/", "epoch"))}  # the tiny task logs its own
+    assert all(t.startswith("analysis/") for t in ours - set(COST_TAGS))  # one group in the Scalars tab
     assert set(IMAGE_TAGS) <= images
+    # the labelled figures, not strips of pixels: at least 400 px wide
+    assert all(acc.Images(tag)[-1].width >= 400 for tag in IMAGE_TAGS)
     # at start (step 0) and after each of the 2 epochs of 2 steps; at_end adds nothing at step 4
-    assert [e.step for e in acc.Scalars("attention_distance/layer_01/mean")] == [0, 2, 4]
+    assert [e.step for e in acc.Scalars("analysis/attention_distance/layer_01")] == [0, 2, 4]
     assert [e.step for e in acc.Images("analysis/position_similarity")] == [0, 2, 4]
     assert sorted(os.listdir(log_dir / "analysis")) == ["step_000000", "step_000002", "step_000004"]
     step_dir = log_dir / "analysis" / "step_000004"
@@ -80,7 +84,7 @@ def test_every_n_steps_and_state_survives_a_checkpoint(tmp_path):
     t = trainer(tmp_path, cb, max_epochs=1, limit_train_batches=3)
     t.fit(TinyClassifier(), train, val)
     acc = events(tmp_path / "run" / "version_0")
-    assert [e.step for e in acc.Scalars("attention_distance/layer_02/max")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("analysis/attention_distance_max/layer_02")] == [1, 2, 3]
     assert acc.Tags()["images"] == []
     t.save_checkpoint(tmp_path / "x.ckpt")
     ckpt = torch.load(tmp_path / "x.ckpt", weights_only=True)
@@ -125,6 +129,14 @@ def test_a_failing_analysis_warns_and_training_goes_on(tmp_path):
             TinyClassifier(), train, val)
 
 
+def test_enabled_false_does_nothing(tmp_path):
+    train, val, _ = loaders()
+    cb = AttentionAnalysis(enabled=False)
+    trainer(tmp_path, cb).fit(TinyClassifier(), train, val)
+    assert cb.runs == 0 and cb._probe is None
+    assert not (tmp_path / "run" / "version_0" / "analysis").exists()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_images"):
         AttentionAnalysis(num_images=0)
@@ -152,7 +164,7 @@ def test_two_processes_finish_and_only_rank_zero_analyses(tmp_path):
     log_dir = tmp_path / "run" / "version_0"
     assert sorted(os.listdir(log_dir / "analysis")) == [f"step_00000{i}" for i in range(4)]
     acc = events(log_dir)
-    assert [e.step for e in acc.Scalars("attention_distance/layer_01/mean")] == [0, 1, 2, 3]
+    assert [e.step for e in acc.Scalars("analysis/attention_distance/layer_01")] == [0, 1, 2, 3]
     assert set(IMAGE_TAGS) <= set(acc.Tags()["images"])
     data = json.loads((log_dir / "analysis" / "step_000003" / "analysis.json").read_text())
     assert data["global_rank"] == 0

@@ -92,9 +92,12 @@ def test_rollout_overlays_and_figure():
     fig = plots.plot_rollout(images, maps, ncols=3)
     assert isinstance(fig, Figure) and plots.figure_to_array(fig).ndim == 3
     # each input beside its overlay, and the heat map's colour scale
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles.count("input") == 3 and titles.count("rollout") == 3
-    assert len(fig.axes) == 2 * 5 + 1 and "rollout" in fig.axes[-1].get_ylabel()
+    ax, bar = fig.axes
+    labels = [t.get_text() for t in ax.texts]
+    assert labels.count("input") == 3 and labels.count("rollout") == 3  # over each column of pairs
+    shown = ax.get_images()[0].get_array()
+    assert shown.shape[1] == 3 * (2 * 32 + 2) + 4 * 5  # 3 pairs (input, gap, overlay) per row and their padding
+    assert "rollout" in bar.get_ylabel()
     with pytest.raises(ValueError, match="maps of shape"):
         plots.rollout_overlay_images(images, maps[:2])
 

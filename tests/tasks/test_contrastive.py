@@ -80,9 +80,9 @@ def only_run(runs: Path) -> Path:
 def demo_run(corpus, tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     main(["fit", *tiny_args(DEMO, corpus, runs, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
-                            # the last callback, AttentionAnalysis: numbers only, no figures (they take seconds)
-                            "--trainer.callbacks.log_images", "false", "--trainer.callbacks.save_figures", "false",
-                            "--trainer.callbacks.at_start", "false")])
+                            # the attention analysis: numbers only, no figures (they take seconds)
+                            "--analysis.log_images", "false", "--analysis.save_figures", "false",
+                            "--analysis.at_start", "false")])
     return only_run(runs)
 
 
@@ -90,7 +90,7 @@ def test_demo_fit_logs_loss_temperature_zero_shot_and_retrieval(demo_run):
     tags = scalars(demo_run)
     for tag in ("train/loss", "train/logit_scale", "val/loss", "val/zeroshot/acc1", "val/zeroshot/acc5",
                 "val/retrieval/image_to_text/R@1", "val/retrieval/text_to_image/R@10", "val/retrieval/mean_recall",
-                "attention_distance/layer_01/mean"):  # the ViT analyses, on the image tower
+                "analysis/attention_distance/layer_01"):  # the ViT analyses, on the image tower
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     assert tags["train/logit_scale"] == pytest.approx(1 / 0.07, rel=0.05)  # exp(t), near its start after 4 steps
     assert 0.0 <= tags["val/zeroshot/acc1"] <= tags["val/zeroshot/acc5"] <= 1.0

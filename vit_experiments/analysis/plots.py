@@ -245,36 +245,38 @@ def plot_rollout(images: ArrayLike, maps: ArrayLike, ncols: int = 4, alpha: floa
     """Each probe image beside its rollout overlay, `ncols` pairs per row, with the heat map's colour scale.
 
     Each map is min-max scaled over its own image (rollout_overlay_images), so the colour bar reads from the
-    least to the most attended patch of that image.
+    least to the most attended patch of that image. Drawn as one mosaic (one image on one axes: a fraction of
+    the time of an axes per picture), each picture about 110 px high whatever the image size.
     """
     imgs = to_display_images(images)  # (B, H, W, 3)
     over = rollout_overlay_images(images, maps, alpha, cmap=cmap)  # (B, H, W, 3)
     b, h, w, _ = imgs.shape
     ncols = max(1, min(ncols, b))
-    nrows = int(np.ceil(b / ncols))
-    cell = 1.25  # inches per image: 125 px at 100 dpi, whatever the image size
-    fig = new_figure((2 * ncols * cell + 1.0, nrows * (0.85 * cell + 0.25) + (0.45 if title else 0.1)))
-    grid = fig.add_gridspec(nrows, 2 * ncols + 1, width_ratios=[1.0] * (2 * ncols) + [0.12],
-                            left=0.02, right=0.93, bottom=0.02, top=0.86 if title else 0.97, wspace=0.06, hspace=0.2)
-    for i in range(b):
-        r, c = divmod(i, ncols)
-        for k, (pic, label) in enumerate(((imgs[i], "input"), (over[i], "rollout"))):
-            ax = fig.add_subplot(grid[r, 2 * c + k])
-            ax.imshow(pic, interpolation="nearest" if h < 64 else "antialiased")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(label, fontsize=8)
-    bar = fig.add_subplot(grid[:, -1])
-    scale = bar.imshow(np.linspace(1.0, 0.0, 256)[:, None], aspect="auto", cmap=cmap, extent=(0, 1, 0, 1))
+    gap = max(1, w // 16)
+    pairs = np.concatenate([imgs, np.full((b, h, gap, 3), 255, np.uint8), over], axis=2)  # (B, H, 2W + gap, 3)
+    pad = max(2, w // 6)
+    mosaic = image_grid(pairs, ncols=ncols, pad=pad)  # (rows, cols, 3)
+    scale = 110.0 / h / 100.0  # inches per image pixel at 100 dpi
+    width, height = mosaic.shape[1] * scale, mosaic.shape[0] * scale
+    top = 0.45 if title else 0.3  # room for the title and the "input / rollout" labels
+    fig = new_figure((width + 1.0, height + top + 0.1))
+    fw, fh = width + 1.0, height + top + 0.1
+    ax = fig.add_axes((0.0, 0.1 / fh, width / fw, height / fh))
+    ax.imshow(mosaic, interpolation="nearest" if h < 64 else "antialiased")
+    ax.set_axis_off()
+    for c in range(ncols):  # column labels over the first row
+        x0 = pad + c * (2 * w + gap + pad)
+        for k, label in enumerate(("input", "rollout")):
+            ax.text(x0 + k * (w + gap) + w / 2, pad - 2, label, ha="center", va="bottom", fontsize=8)
+    bar = fig.add_axes(((width + 0.25) / fw, 0.1 / fh + 0.1 * height / fh, 0.15 / fw, 0.8 * height / fh))
+    bar.imshow(np.linspace(1.0, 0.0, 256)[:, None], aspect="auto", cmap=cmap, extent=(0, 1, 0, 1))
     bar.set_xticks([])
     bar.yaxis.tick_right()
-    bar.set_yticks([0, 0.5, 1], ["min", "", "max"], fontsize=7)
+    bar.set_yticks([0, 1], ["min", "max"], fontsize=7)
     bar.set_ylabel("rollout (per image)", fontsize=7)
     bar.yaxis.set_label_position("right")
-    del scale
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.0 - 0.05 / fh, va="top")
     return fig
 
 

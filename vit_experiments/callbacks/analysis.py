@@ -10,22 +10,29 @@ Probe batch: the first `num_images` validation images, captured once (after the 
 normalised exactly as the model sees them) and kept in the checkpoint, so that every analysis of a run, resumed
 or not, looks at the same images. Without validation data the first training batch is used instead.
 
-Logged (TensorBoard, step = trainer.global_step):
-  scalars  attention_distance/layer_XX/{mean,min,max}   pixels, over the heads of layer XX (1 = first block)
-           prefix_attention/layer_XX                    share of patch queries' attention on class/dist tokens
-           position_embedding/topology_score            corr(cosine similarity, -grid distance) over patch pairs
-           analysis/seconds, analysis/time_share        this callback's own cost (share of wall time since fit start)
-  images   analysis/attention_distance                  Fig. 11 scatter, one dot per head
-           analysis/position_similarity                 Fig. 9 grid of similarity tiles, colour scale -1..1
-           analysis/rollout                             rollout heat maps over the probe images
-           analysis/patch_filters                       principal components of the patch-embedding filters
+Logged (TensorBoard, step = trainer.global_step), every tag under analysis/ (the cost under perf/):
+  scalars  analysis/attention_distance{,_min,_max}/layer_XX  pixels: mean, least and most over the heads of layer
+                                                            XX (1 = first block)
+           analysis/prefix_attention/layer_XX               share of patch queries' attention on class/dist tokens
+           analysis/position_embedding/topology_score       corr(cosine similarity, -grid distance), patch pairs
+           analysis/<name>/layer_XX                         whatever else report.scalars(result) returns
+           perf/analysis_seconds, perf/analysis_time_share  this callback's own cost (and its share of the wall
+                                                            time since fit start)
+  images   analysis/attention_distance   Fig. 11 scatter: heads told apart by colour, marker and offset; the distance
+                                         of uniform attention as a dashed line
+           analysis/position_similarity  Fig. 9 grid of similarity tiles with axes and a colour bar (-1..1)
+           analysis/rollout              each probe image beside its rollout overlay, with the heat map's scale
+           analysis/patch_filters        principal components of the patch-embedding filters, with their variance
+           analysis/<name>               any further image of result["images"]
+The custom-scalars layout (vit_experiments.loggers) draws each per-layer analysis as one chart of every layer.
 Files: <log_dir>/analysis/step_XXXXXX/ with analysis.json, attention_distance.csv and PNG figures.
 
-Cost: one forward pass of `num_images` images with attention maps, plus drawing. Measured on the demo model
-(6 layers, width 192, 32-px images, batch 128) on a busy 2-core CPU: about 1.4 s per analysis with PNG files,
-1.4% of a run of 2 epochs of 40 steps with the defaults (once per epoch, plus at the start); the share falls
-with longer epochs. Every run logs its own cost as analysis/seconds and analysis/time_share. Lower it with a
-larger every_n_epochs, fewer num_images or save_figures=False.
+Cost: one forward pass of `num_images` images with attention maps, the analyses of vit_experiments.analysis.report,
+plus drawing. Measured on the demo model (6 layers, width 128, 32-px images, 8 probe images) on a busy shared 2-core
+CPU: 2 to 4 s per analysis, figures included (the four ViT-paper figures about 1 s of it). Every run logs its own
+cost as perf/analysis_seconds and perf/analysis_time_share, and the run summary (callbacks/dashboard.py) prints the
+total. Lower it with a larger every_n_epochs, fewer num_images, log_images=False or save_figures=False
+(`vitx fit --analysis.num_images 4 --analysis.every_n_epochs 2`).
 
 Interrupted runs: a fit stopped by Ctrl-C, SIGTERM or an exception gets its final analysis (with `at_end`) of the
 newest weights on the way out, when stopping is safe by the rule vit_experiments.callbacks.interruption saves a
@@ -54,13 +61,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from data_pipelines.distributed import rank_world
 from vit_experiments.callbacks.interruption import COORDINATED
 
+from vit_experiments.analysis import report
 from vit_experiments.analysis.plots import figure_to_array
-from vit_experiments.analysis.report import analyze_model, save_report
+from vit_experiments.analysis.report import FIGURES, analyze_model, save_report
 
-SCALAR_GROUPS = ("attention_distance", "prefix_attention", "position_embedding", "analysis")
-IMAGE_TAGS = (
-    "analysis/attention_distance", "analysis/position_similarity", "analysis/rollout", "analysis/patch_filters",
-)
+# the labelled figures, as images; result["images"] entries of the same name (the bare pixel tiles) are left out
+IMAGE_TAGS = tuple(f"analysis/{name}" for name in FIGURES)
+COST_TAGS = ("perf/analysis_seconds", "perf/analysis_time_share")
 
 
 def find_backbone(pl_module: L.LightningModule, model_attr: Optional[str] = None) -> torch.nn.Module:
@@ -116,6 +123,7 @@ class AttentionAnalysis(Callback):
     """Run the ViT analyses on a fixed probe batch during training and log them.
 
     Args:
+        enabled: False turns the callback off (`vitx fit --analysis.enabled false`).
         num_images: size of the probe batch (the first validation images).
         every_n_epochs: run at the end of every n-th training epoch (after its validation); 0 or None: never.
         every_n_steps: run every n optimizer steps; 0 or None: never.
@@ -135,6 +143,7 @@ class AttentionAnalysis(Callback):
 
     def __init__(
         self,
+        enabled: bool = True,
         num_images: int = 8,
         every_n_epochs: Optional[int] = 1,
         every_n_steps: Optional[int] = None,
@@ -154,6 +163,7 @@ class AttentionAnalysis(Callback):
         for name, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if v is not None and v < 0:
                 raise ValueError(f"{name} must be >= 1, or 0/None to turn it off; got {v}")
+        self.enabled = enabled
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs or 0
         self.every_n_steps = every_n_steps or 0
@@ -169,15 +179,18 @@ class AttentionAnalysis(Callback):
         self._display: Optional[torch.Tensor] = None  # (N, C, H, W) uint8 for drawing, when the module can denormalise
         self._collected: list = []  # validation images gathered until there are num_images
         self._fallback: Optional[torch.Tensor] = None  # first training batch, used when there is no validation data
-        self._disabled: Optional[str] = None
+        self._disabled: Optional[str] = None if enabled else "enabled=False"
         self._out_root: Optional[str] = None
         self._last_step = -1
         self._seconds = 0.0  # analysis time since fit start
         self._fit_t0: Optional[float] = None
         self.runs = 0  # analyses done by this process
+        self.seconds_total = 0.0  # their cost in seconds, for the run summary
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.enabled:
+            return
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
             self._disabled = f"{strategy} shards the weights, so one rank cannot run the model alone"
@@ -209,7 +222,7 @@ class AttentionAnalysis(Callback):
         return torch.cat(self._collected)[: self.num_images] if self._collected else None
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._probe is not None or not trainer.is_global_zero or dataloader_idx != 0:
+        if self._probe is not None or self._disabled or not trainer.is_global_zero or dataloader_idx != 0:
             return
         have = sum(len(x) for x in self._collected)
         if have < self.num_images:
@@ -286,24 +299,26 @@ class AttentionAnalysis(Callback):
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> Dict[str, Any]:
         t0 = time.perf_counter()
         backbone = find_backbone(pl_module, self.model_attr)
-        figures = ("attention_distance",) if self.log_images else False
+        # drawn once, for TensorBoard and the PNG files alike
+        figures = self.log_images or self.save_figures
         result = analyze_model(backbone, self._probe, self._display, num_components=self.num_components,
                                rollout_token=self.rollout_token, figures=figures)
-        scalars = self._scalars(result)
+        scalars = self.scalars(result)
         images = {}
         if self.log_images:
-            images["analysis/attention_distance"] = figure_to_array(result["figures"]["attention_distance"])
+            for name, fig in result["figures"].items():
+                images[f"analysis/{name}"] = figure_to_array(fig)
             for name, img in result["images"].items():
-                images[f"analysis/{name}"] = img
+                images.setdefault(f"analysis/{name}", img)  # a labelled figure of that name replaces the tiles
         out_dir = os.path.join(self._out_root or self.dirname, f"step_{step:06d}")
         extra = {"step": step, "epoch": trainer.current_epoch, "global_rank": trainer.global_rank}
         save_report(result, out_dir, extra=extra, figures=self.save_figures)
 
         seconds = time.perf_counter() - t0
         self._seconds += seconds
-        scalars["analysis/seconds"] = seconds
+        scalars["perf/analysis_seconds"] = seconds
         if self._fit_t0 is not None:
-            scalars["analysis/time_share"] = self._seconds / max(time.perf_counter() - self._fit_t0, 1e-9)
+            scalars["perf/analysis_time_share"] = self._seconds / max(time.perf_counter() - self._fit_t0, 1e-9)
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             writer = logger.experiment
@@ -311,17 +326,23 @@ class AttentionAnalysis(Callback):
                 for tag, img in images.items():
                     writer.add_image(tag, img, step, dataformats="HWC")
         self.runs += 1
+        self.seconds_total = self._seconds
         return result
 
     @staticmethod
-    def _scalars(result: Dict[str, Any]) -> Dict[str, float]:
-        out: Dict[str, float] = {}
-        for i in range(result["num_layers"]):
-            layer = f"layer_{i + 1:02d}"
-            out[f"attention_distance/{layer}/mean"] = float(result["distance_mean"][i])
-            out[f"attention_distance/{layer}/min"] = float(result["distance_min"][i])
-            out[f"attention_distance/{layer}/max"] = float(result["distance_max"][i])
-            out[f"prefix_attention/{layer}"] = float(np.mean(result["prefix_attention"][i]))
-        if result.get("topology_score") is not None:
-            out["position_embedding/topology_score"] = float(result["topology_score"])
-        return {k: v for k, v in out.items() if np.isfinite(v)}
+    def scalars(result: Dict[str, Any]) -> Dict[str, float]:
+        """The scalars of one analysis, all under analysis/: report.scalars(result) where the analysis module has
+        it (every analysis it computes), else the ViT paper's numbers."""
+        if callable(getattr(report, "scalars", None)):
+            out = dict(report.scalars(result))
+        else:
+            out = {}
+            for i in range(result["num_layers"]):
+                layer = f"layer_{i + 1:02d}"
+                out[f"analysis/attention_distance/{layer}"] = float(result["distance_mean"][i])
+                out[f"analysis/attention_distance_min/{layer}"] = float(result["distance_min"][i])
+                out[f"analysis/attention_distance_max/{layer}"] = float(result["distance_max"][i])
+                out[f"analysis/prefix_attention/{layer}"] = float(np.mean(result["prefix_attention"][i]))
+            if result.get("topology_score") is not None:
+                out["analysis/position_embedding/topology_score"] = float(result["topology_score"])
+        return {k: float(v) for k, v in out.items() if np.isfinite(v)}
