@@ -144,3 +144,28 @@ def test_what_cannot_be_read_is_named(tmp_path):
     torch.save(resnet, tmp_path / "RN50.pt")
     with pytest.raises(ValueError, match="ResNet"):
         read_checkpoint(str(tmp_path / "RN50.pt"))
+
+
+def test_openai_torchscript_archive_when_trusted(images, tmp_path):
+    class Node(torch.nn.Module):  # an archive of modules named as in OpenAI's, holding the weights
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    model = hf_clip("quick_gelu", **OPENAI_SIZE)
+    root = Node()
+    for key, value in openai_state_dict(model).items():
+        *path, leaf = key.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, Node())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    torch.jit.script(root).save(str(tmp_path / "ViT-T-8.pt"))
+    with pytest.raises(ValueError, match="trust-checkpoint"):  # TorchScript is not restricted to tensors
+        read_checkpoint(str(tmp_path / "ViT-T-8.pt"))
+    info = read_checkpoint(str(tmp_path / "ViT-T-8.pt"), trust=True)
+    assert info.source == "openai" and info.config.text.act == "quick_gelu"
+    ids = torch.randint(1, EOT, (2, 16), generator=torch.Generator().manual_seed(4))
+    ids[:, 9] = EOT
+    assert_same(reference(model, images, ids), vitx_outputs(info.build(), images, ids))
