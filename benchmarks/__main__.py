@@ -3,6 +3,7 @@
     python -m benchmarks                      # every benchmark, default settings
     python -m benchmarks throughput [ARGS]    # training images/s and MFU of vitx vs reference ViTs/CLIPs
     python -m benchmarks data [ARGS]          # data-loading images/s per core vs a naive webdataset pipeline
+    python -m benchmarks contrastive-accum    # CLIP step memory/time: one batch, feature-cached accumulation, 2 ranks
     python -m benchmarks --list
 
 ARGS go to the benchmark (`python -m benchmarks throughput --help`). Each writes its figures to
@@ -20,6 +21,7 @@ import traceback
 BENCHMARKS = {
     "throughput": "benchmarks.throughput",
     "data": "benchmarks.data_throughput",
+    "contrastive-accum": "benchmarks.contrastive_accumulation",
 }
 
 
