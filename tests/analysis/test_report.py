@@ -129,7 +129,7 @@ def test_entropy_outliers_cka_and_probes_in_the_result_json_and_tags(tmp_path):
     assert r["probe"]["cls_accuracy"].shape == (3,) and (r["probe"]["patch_accuracy"] == 1.0).all()
     tags = scalars(r)
     for name in ("attention_entropy", "attention_entropy_min", "attention_logit_max", "attention_nmi",
-                 "outlier_tokens", "cka_adjacent", "probe_cls", "probe_patch"):
+                 "outlier_tokens", "outlier_norm_ratio", "cka_adjacent", "probe_cls", "probe_patch"):
         assert f"analysis/{name}/layer_03" in tags, name
     assert tags["analysis/cka_compare/diagonal_mean"] == pytest.approx(1.0, abs=1e-5)
     assert tags["analysis/probe_patch/layer_01"] == 1.0

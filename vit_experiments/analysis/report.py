@@ -287,6 +287,7 @@ def scalars(result: Dict[str, Any]) -> Dict[str, float]:
     analysis/attention_logit_max/layer_XX      largest pre-softmax attention logit of the layer
     analysis/attention_nmi/layer_XX            normalised mutual information of query and key position, mean over heads
     analysis/outlier_tokens/layer_XX           share of patch tokens with an outlier norm
+    analysis/outlier_norm_ratio/layer_XX       largest patch-token norm / median patch-token norm
     analysis/cka_adjacent/layer_XX             linear CKA between layer XX and layer XX - 1 (layer_01: the embedding)
     analysis/probe_cls/layer_XX                linear-probe test accuracy on the class token
     analysis/probe_patch/layer_XX              linear-probe test accuracy on the mean patch token
@@ -319,6 +320,7 @@ def scalars(result: Dict[str, Any]) -> Dict[str, float]:
     outliers = result.get("outlier_tokens")
     if outliers:
         per_layer("outlier_tokens", outliers["share"])
+        per_layer("outlier_norm_ratio", outliers["norm_ratio"])
     cka = result.get("cka")
     if cka and cka.get("within") is not None:
         within = np.asarray(cka["within"])  # (L + 1, L + 1), index 0 = the embedding
