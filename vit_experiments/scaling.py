@@ -10,7 +10,10 @@ and of both CLIP towers, the residual stages of a ResNet. So the same code serve
   grows with depth. Module tree, parameter names and state dicts are unchanged.
 * torch.compile per unit (`nn.Module.compile`, in place, names unchanged): fuses the norms, GELU and residual adds
   around the matmuls. Per unit rather than per model (as torchtitan does): units of one shape share a compiled
-  graph, and it composes with sharding and checkpointing of the same units.
+  graph, and it composes with sharding and checkpointing of the same units. On one device or under DDP the whole
+  network can be compiled instead (`CompileBlocks(scope="model")`): one graph from the patch embedding to the
+  loss's logits, so the embedding, the final norm and the heads are fused too and there are no graph breaks
+  between blocks; it compiles longer (one graph per network instead of one per distinct unit).
 * FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023, "PyTorch FSDP"): each unit is its own shard
   group (its parameters are all-gathered just before its forward and backward and freed after); each tower (a
   sub-network with units of its own, such as CLIP's image and text transformers) and then the root hold the rest
@@ -54,6 +57,19 @@ def compile_units(module: nn.Module, **compile_kwargs) -> int:
     return len(units)
 
 
+def compile_network(module: nn.Module, entry_points: tuple[str, ...] = ("forward",), **compile_kwargs) -> int:
+    """torch.compile a whole network in place: `forward` through `nn.Module.compile` (parameter names and state
+    dict unchanged), any other method in `entry_points` (what a task's training step calls instead of forward,
+    e.g. DeiT's forward_features) as an instance attribute over the class's method. Returns the number of
+    entry points compiled."""
+    for name in entry_points:
+        if name == "forward":
+            module.compile(**compile_kwargs)
+        else:
+            setattr(module, name, torch.compile(getattr(module, name), **compile_kwargs))
+    return len(entry_points)
+
+
 # -- the Lightning callbacks that the overlays add ------------------------------------------------------------
 
 
@@ -69,24 +85,37 @@ class ActivationCheckpointing(L.Callback):
 
 
 class CompileBlocks(L.Callback):
-    """torch.compile every unit of the task's network (transformer blocks, ResNet stages) at setup.
+    """torch.compile every unit of the task's network (transformer blocks, ResNet stages) at setup, or the whole
+    network.
 
     Args:
         mode: torch.compile's mode: None (default), "reduce-overhead" (CUDA graphs) or "max-autotune".
         backend: "inductor" (generates fused kernels), or "eager" / "aot_eager" to check tracing only.
         fullgraph: fail instead of splitting a unit into several graphs.
         dynamic: False compiles for the shapes seen (a new shape, e.g. a smaller last batch, recompiles once).
+        scope: "units" (each block on its own; composes with FSDP) or "model" (the whole network as one graph:
+            fewer kernel launches around the blocks; one device or DDP, not FSDP, whose per-unit hooks it would
+            trace through). `make gpu-check` measures one against the other.
     """
 
+    SCOPES = ("units", "model")
+
     def __init__(self, mode: Optional[str] = None, backend: str = "inductor", fullgraph: bool = False,
-                 dynamic: Optional[bool] = False) -> None:
+                 dynamic: Optional[bool] = False, scope: str = "units") -> None:
+        if scope not in self.SCOPES:
+            raise ValueError(f"CompileBlocks scope must be one of {self.SCOPES}, got {scope!r}")
         self.kwargs = {"mode": mode, "backend": backend, "fullgraph": fullgraph, "dynamic": dynamic}
+        self.scope = scope
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not callable(getattr(pl_module, "compile_units", None)):
-            raise TypeError(f"{type(pl_module).__name__} has no compile_units(); remove the overlay")
-        n = pl_module.compile_units(**self.kwargs)
-        rank_zero_info(f"torch.compile({self.kwargs}): {n} units")
+        hook = "compile_units" if self.scope == "units" else "compile_model"
+        if not callable(getattr(pl_module, hook, None)):
+            raise TypeError(f"{type(pl_module).__name__} has no {hook}(); remove the overlay")
+        if self.scope == "model" and type(trainer.strategy).__name__ == "ModelParallelStrategy":
+            raise ValueError("CompileBlocks(scope='model') does not combine with FSDP (conf/trainer/fsdp.yaml): "
+                             "FSDP gathers each unit's parameters in hooks around it; use scope 'units'")
+        n = getattr(pl_module, hook)(**self.kwargs)
+        rank_zero_info(f"torch.compile({self.kwargs}): {n} {'units' if self.scope == 'units' else 'entry points'}")
 
 
 # -- FSDP2 -----------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from torch import nn
 from data_pipelines.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_hflip
 from vit_experiments.checkpoints import METADATA_KEY, load_weights, network_metadata
 from vit_experiments.checkpoints.info import FORMAT_VERSION
-from vit_experiments.scaling import compile_units, shard_network
+from vit_experiments.scaling import compile_network, compile_units, shard_network
 from vit_experiments.tasks.optim import OptimConfig, build_optimizer
 
 
@@ -253,6 +253,13 @@ class VisionTask(L.LightningModule):
     def compile_units(self, **compile_kwargs: Any) -> int:
         """torch.compile every unit of the trained network in place (parameter names unchanged)."""
         return compile_units(self.model, **compile_kwargs)
+
+    # the network's methods that the training step calls (CompileBlocks(scope="model") compiles these)
+    compiled_entry_points: tuple[str, ...] = ("forward",)
+
+    def compile_model(self, **compile_kwargs: Any) -> int:
+        """torch.compile the whole trained network in place, at the methods the training step calls."""
+        return compile_network(self.model, self.compiled_entry_points, **compile_kwargs)
 
     def sharded_modules(self) -> list[nn.Module]:
         """The networks FSDP2 shards, each its own root; copies that follow the trained one parameter by parameter

@@ -93,6 +93,9 @@ class DistillationClassifier(VisionTask):
         reset_head: with `init_from`, restart both heads from zero.
     """
 
+    # the training step calls forward_features then the two heads (not forward): whole-model compile starts there
+    compiled_entry_points = ("forward_features",)
+
     def __init__(
         self,
         vit: ViTConfig,
