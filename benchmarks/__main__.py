@@ -3,6 +3,8 @@
     python -m benchmarks                      # every benchmark, default settings
     python -m benchmarks throughput [ARGS]    # training images/s and MFU of vitx vs reference ViTs/CLIPs
     python -m benchmarks data [ARGS]          # data-loading images/s per core vs a naive webdataset pipeline
+    python -m benchmarks cpu_threads [ARGS]   # vitx fit's images/s, torch's threads vs vitx's, idle and beside busy jobs
+    python -m benchmarks gpu-check [ARGS]     # make gpu-check (not run by a plain `python -m benchmarks`)
     python -m benchmarks contrastive-accum    # CLIP step memory/time: one batch, feature-cached accumulation, 2 ranks
     python -m benchmarks --list
 
@@ -22,7 +24,11 @@ BENCHMARKS = {
     "throughput": "benchmarks.throughput",
     "data": "benchmarks.data_throughput",
     "contrastive-accum": "benchmarks.contrastive_accumulation",
+    "cpu_threads": "benchmarks.cpu_threads",
+    "gpu-check": "benchmarks.gpu_check",
 }
+# run only when named: `make gpu-check` is its own verb (it needs a GPU, or --dry-run)
+ON_REQUEST = {"gpu-check"}
 
 
 def available() -> dict[str, str]:
@@ -30,7 +36,9 @@ def available() -> dict[str, str]:
 
 
 def run(name: str, argv: list[str]) -> None:
-    importlib.import_module(BENCHMARKS[name]).main(argv)
+    code = importlib.import_module(BENCHMARKS[name]).main(argv)
+    if isinstance(code, int) and code:  # a benchmark that reports failure by its return value
+        raise SystemExit(code)
 
 
 def main(argv: list[str]) -> int:
@@ -58,6 +66,8 @@ def main(argv: list[str]) -> int:
         return 2
     failed = []
     for name in BENCHMARKS:
+        if name in ON_REQUEST:
+            continue
         if name not in found:
             print(f"== {name}: not in this checkout, skipped")
             continue
