@@ -190,8 +190,8 @@ def _invert(key: str, renames: Renames) -> str:
 
 
 def _unescape_groups(replacement: str) -> str:
-    """A replacement like r"visual.blocks.\\1.norm1.\\2" as a pattern matching vitx names: r"visual\\.blocks\\.
-    (\\d+|weight|bias)..." (every group one dot-free name part)."""
+    """A replacement like r"visual.blocks.\\1.norm1.\\2" as a pattern matching vitx names, every group one
+    dot-free part of the name: r"visual\\.blocks\\.([^.]+)\\.norm1\\.([^.]+)"."""
     parts = re.split(r"(\\\d)", replacement)
     return "".join(r"([^.]+)" if re.fullmatch(r"\\\d", p) else re.escape(p) for p in parts)
 

@@ -79,14 +79,18 @@ def _sidecars(folder: str) -> dict[str, dict]:
     for name in ("config.json", "open_clip_config.json", "preprocessor_config.json"):
         p = os.path.join(folder, name)
         if os.path.isfile(p):
-            with open(p, encoding="utf-8") as f:
-                found[name] = json.load(f)
+            try:
+                with open(p, encoding="utf-8") as f:
+                    found[name] = json.load(f)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"could not read {p}, the config beside the CLIP weights, as JSON ({err}); "
+                                 "repair or remove it") from err
     return found
 
 
-def _contents(contents: Any, path: str) -> Optional[tuple[dict, dict, str, Optional[str]]]:
-    """(state dict, configs by file name, folder of the weights, layout of a folder or None); None when the
-    contents hold no tensors."""
+def _contents(contents: Any, path: str) -> Optional[tuple[dict, Optional[dict], str, Optional[str]]]:
+    """(state dict, configs by file name (None for a file: read them with _sidecars once the layout is
+    recognised), folder of the weights, layout of a folder or None); None when the contents hold no tensors."""
     if hasattr(contents, "state_dict") and hasattr(contents, "layout"):  # a folder (checkpoints.io)
         configs = dict(getattr(contents, "configs", {}) or {})
         return dict(contents.state_dict), configs, str(contents.path), contents.layout
@@ -98,7 +102,7 @@ def _contents(contents: Any, path: str) -> Optional[tuple[dict, dict, str, Optio
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         return None
     folder = os.path.dirname(os.path.abspath(path)) if "://" not in path else ""
-    return dict(state), (_sidecars(folder) if folder else {}), folder, None
+    return dict(state), None, folder, None
 
 
 def _count(state: dict, pattern: str) -> int:
@@ -215,6 +219,7 @@ def read_hf_clip(contents: Any, path: str) -> Optional[CheckpointInfo]:
     if "vision_model.embeddings.patch_embedding.weight" not in raw or "text_model.embeddings.token_embedding.weight" \
             not in raw:
         return None
+    configs = configs if configs is not None else _sidecars(folder) if folder else {}
     cfg = configs.get("config.json") or {}
     if cfg.get("model_type") not in (None, "clip"):
         raise ValueError(f"{path}: a {cfg.get('model_type')} model; vitx reads Hugging Face CLIP (model_type 'clip')")
@@ -268,6 +273,7 @@ def read_openai_clip(contents: Any, path: str) -> Optional[CheckpointInfo]:
         raw = {k.removeprefix("module."): v for k, v in raw.items()}
     if "token_embedding.weight" not in raw or not any(k.startswith("visual.") for k in raw):
         return None
+    configs = configs if configs is not None else _sidecars(folder) if folder else {}
     if "visual.conv1.weight" not in raw or "visual.class_embedding" not in raw:
         what = "a ResNet" if any(k.startswith("visual.layer1.") for k in raw) else "not a plain ViT"
         raise ValueError(f"{path}: this CLIP's image tower is {what} (RN50, timm, ...); vitx reads CLIP models with "
