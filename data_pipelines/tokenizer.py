@@ -10,7 +10,9 @@ encoded caption is exactly `context_length` long; a long caption is cut *before*
 token, whose feature the text tower reads, is always present.
 
 The whole tokenizer, context length included, is one JSON file (the Hugging Face `tokenizers` format), which
-is saved beside a training run and inside its checkpoints.
+is saved beside a training run and inside its checkpoints. The tokenizers of pretrained CLIP weights (OpenAI's
+BPE merges file, a Hugging Face tokenizer.json) load into the same class: data_pipelines/bpe.py. A
+CaptionTokenizer's start and end ids are the tokens its post-processor puts around a caption.
 
     vitx data train-tokenizer 'data/captions/train-{000000..000009}.tar' data/captions/tokenizer.json
 """
