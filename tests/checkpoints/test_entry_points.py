@@ -139,3 +139,16 @@ def test_export_refuses_what_the_hugging_face_vit_cannot_hold(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["export", "--ckpt", str(tmp_path / "last.ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
     assert done.value.code == 2 and "register tokens: export this model with --format timm" in capsys.readouterr().err
+
+
+def test_fine_tuning_a_register_model_at_another_resolution_keeps_its_prefix_tokens(tmp_path):
+    sd = convert_hf_state_dict(hf_model("deit").state_dict())
+    sd["reg_token"] = sd.pop("dist_token")  # [cls, register, 4x4 patches]
+    torch.save(sd, tmp_path / "reg.pth")
+    task = ImageClassifier(ViTConfig(**{**VIT, "image_size": 48, "num_classes": 5, "num_reg_tokens": 1}),
+                           init_from=str(tmp_path / "reg.pth#num_heads=4"))
+    assert any("pos_embed resampled 4x4 -> 6x6" in n for n in task.init_notes)
+    torch.testing.assert_close(task.model.pos_embed[:, :2], sd["pos_embed"][:, :2])  # prefix entries kept as they are
+    torch.testing.assert_close(task.model.reg_token, sd["reg_token"])
+    with pytest.raises(ValueError, match="do the prefix tokens match"):  # a model without the register
+        ImageClassifier(ViTConfig(**{**VIT, "num_classes": 5}), init_from=str(tmp_path / "reg.pth#num_heads=4"))

@@ -48,9 +48,10 @@ def _architecture_notes(info: CheckpointInfo, model: nn.Module) -> list[str]:
         if src is None or not hasattr(src, "num_heads"):
             continue
         for f in _SILENT_FIELDS:
-            if getattr(src, f) != getattr(vit.cfg, f):
-                notes.append(f"{prefix}{f}: the checkpoint's is {getattr(src, f)!r}, this model's {getattr(vit.cfg, f)!r}"
-                             " (the model's is used; set it in the model's config if the checkpoint's is right)")
+            theirs, ours = getattr(src, f), getattr(vit.cfg, f)
+            if theirs != ours:
+                notes.append(f"{prefix}{f}: the checkpoint's is {theirs!r}, this model's {ours!r} (the model's is "
+                             "used; set it in the model's config if the checkpoint's is right)")
     return notes
 
 

@@ -12,8 +12,8 @@ cfg.num_prefix_tokens, which the analyses skip. The position embedding always ha
 its register models) are imported with zero entries there, which adds nothing: the same outputs.
 
 Submodule and parameter names follow the common layout (patch_embed.proj, cls_token, dist_token, reg_token,
-pos_embed, norm_pre, blocks.N.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2, norm, fc_norm, head, head_dist), so state dicts written in that
-layout load with load_state_dict as they are.
+pos_embed, norm_pre, blocks.N.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2, norm, fc_norm, head, head_dist),
+so state dicts written in that layout load with load_state_dict as they are.
 """
 
 import dataclasses
