@@ -13,6 +13,7 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
+from data_pipelines.tokenizer import CaptionTokenizer  # noqa: E402
 from tests.checkpoints.clip_fixtures import hf_clip, hf_tokenizer  # noqa: E402
 from vit_experiments.analyze import load_vit, main_analyze  # noqa: E402
 from vit_experiments.checkpoints import read_checkpoint  # noqa: E402
@@ -58,3 +59,17 @@ def test_contrastive_pretraining_starts_from_an_imported_clip(folder):
     other = dataclasses.replace(info.config, vision=dataclasses.replace(info.config.vision, act="gelu"))
     notes = ContrastivePretraining(clip=other, init_from=str(path)).init_notes
     assert any("act" in n and "quick_gelu" in n for n in notes), notes
+
+
+def test_contrastive_pretraining_takes_the_imported_tokenizer_file(folder):
+    from lightning.pytorch import Trainer
+
+    path, _ = folder
+    info = read_checkpoint(str(path))
+    task = ContrastivePretraining(clip=info.config, init_from=str(path), tokenizer=str(path / "tokenizer.json"))
+    task.trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                           enable_model_summary=False)
+    task.setup("fit")  # the Hugging Face tokenizer.json, at the text tower's context length (16)
+    ids = task.tokenize(["a photo of a dog."])
+    assert ids.shape == (1, 16) and task.tokenizer.eot_id == info.config.text.eot_token_id
+    assert torch.equal(ids, CaptionTokenizer.from_str(info.tokenizer)(["a photo of a dog."]))

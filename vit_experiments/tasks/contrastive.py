@@ -141,7 +141,7 @@ class ContrastivePretraining(VisionTask):
                 raise FileNotFoundError(
                     f"no caption tokenizer at {self.tokenizer_path}; train one on the training captions with "
                     f"`vitx data train-tokenizer '<train shards>' {self.tokenizer_path}`")
-            self.set_tokenizer(CaptionTokenizer.load(self.tokenizer_path))
+            self.set_tokenizer(CaptionTokenizer.load(self.tokenizer_path, self.model.cfg.text.context_length))
         elif self.tokenizer is not None:
             self.set_tokenizer(self.tokenizer)  # hand it to this trainer's datamodule
         # without either, captions must arrive as token ids, or a checkpoint brings its tokenizer
