@@ -147,7 +147,8 @@ def plot_cka(within: np.ndarray, compare: Optional[np.ndarray] = None,
 
 def plot_probes(cls_accuracy: Optional[np.ndarray], patch_accuracy: Optional[np.ndarray], chance: float,
                 num_train: int, num_test: int) -> np.ndarray:
-    """Linear-probe test accuracy against layer, for the class token and the mean patch token."""
+    """Linear-probe test accuracy against layer, for the class token and the mean patch token; `chance`: the
+    majority-class rate of the test part, drawn dashed."""
     fig = _figure((5.6, 3.8))
     ax = fig.add_subplot(1, 1, 1)
     for acc, label, colour in ((cls_accuracy, "class token", "tab:blue"), (patch_accuracy, "mean patch token",
@@ -155,12 +156,12 @@ def plot_probes(cls_accuracy: Optional[np.ndarray], patch_accuracy: Optional[np.
         if acc is not None:
             a = np.asarray(acc, dtype=np.float64)
             ax.plot(np.arange(1, len(a) + 1), a, marker="o", label=label, color=colour)
-    ax.axhline(chance, color="0.4", linestyle="--", linewidth=1.0, label="chance")
+    ax.axhline(chance, color="0.4", linestyle="--", linewidth=1.0, label="majority class of the test half")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("Layer")
     ax.set_ylabel("Probe test accuracy")
     ax.set_title(f"Ridge probes per layer ({num_train} train / {num_test} test images)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return render(fig)
