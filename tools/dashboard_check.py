@@ -3,7 +3,8 @@
     python tools/dashboard_check.py [--out runs/dashboard-check] [--chromium chromium] [--port 6123]
 
 1. Writes a small synthetic shapes corpus (1,024 training and 128 validation images at 32 px) and trains
-   conf/vit/pretrain.yaml on it for 2 epochs with the attention analysis every 8 steps (about a minute on a CPU).
+   conf/vit/pretrain.yaml on it twice, at two learning rates, for 2 epochs with the attention analysis every
+   8 steps (about a minute each on a CPU).
 2. Starts TensorBoard on the run and checks, through its HTTP data API, that every expected tag is there (and none
    of the meaningless ones): scalars, images and their sizes, the custom-scalars layout, the HParams metrics and
    hyperparameters, the config and summary texts.
@@ -36,7 +37,10 @@ IMAGES = ("analysis/attention_distance", "analysis/position_similarity", "analys
 MIN_WIDTH = 400  # px: a labelled figure, not a strip of raw pixels
 
 
-def train(out: Path) -> Path:
+LEARNING_RATES = ("1e-3", "3e-3")  # two runs, so that the HParams tab has something to compare
+
+
+def train(out: Path) -> None:
     from data_pipelines.writers import write_synthetic
 
     data = out / "shapes"
@@ -44,17 +48,16 @@ def train(out: Path) -> Path:
         write_synthetic(data, num_train=1024, num_val=128, image_size=32, seed=0, shard_size=256)
     runs = out / "runs"
     shutil.rmtree(runs, ignore_errors=True)
-    cmd = [str(BIN / "vitx"), "fit", "--config", str(REPO / "conf" / "vit" / "pretrain.yaml"),
-           "--data.train_shards", str(data / "train-{000000..000003}.tar"),
-           "--data.val_shards", str(data / "val-000000.tar"), "--data.synthesize_if_missing", "false",
-           "--data.batch_size", "64", "--data.num_workers", "0", "--trainer.max_epochs", "2",
-           "--trainer.log_every_n_steps", "2", "--trainer.logger.init_args.save_dir", str(runs),
-           "--trainer.callbacks.window_size", "4",  # the last callback, ImageThroughput
-           "--analysis.every_n_steps", "8", "--analysis.every_n_epochs", "0"]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=out)
-    (run,) = sorted(runs.glob("vit-pretrain/version_*"))
-    return run
+    for lr in LEARNING_RATES:
+        cmd = [str(BIN / "vitx"), "fit", "--config", str(REPO / "conf" / "vit" / "pretrain.yaml"),
+               "--data.train_shards", str(data / "train-{000000..000003}.tar"),
+               "--data.val_shards", str(data / "val-000000.tar"), "--data.synthesize_if_missing", "false",
+               "--data.batch_size", "64", "--data.num_workers", "0", "--trainer.max_epochs", "2",
+               "--trainer.log_every_n_steps", "2", "--trainer.logger.init_args.save_dir", str(runs),
+               "--trainer.callbacks.window_size", "4",  # the last callback, ImageThroughput
+               "--model.optim.lr", lr, "--analysis.every_n_steps", "8", "--analysis.every_n_epochs", "0"]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=out)
 
 
 def free_port() -> int:
@@ -87,11 +90,18 @@ def start_tensorboard(logdir: Path, port: int) -> subprocess.Popen:
     raise SystemExit(f"TensorBoard did not answer on {base}: {proc.stderr.read().decode()[-2000:]}")
 
 
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR header."""
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
 def check_api(base: str) -> list[str]:
     """Every failed check, as a line."""
     bad = []
     scalars = get(f"{base}/data/plugin/scalars/tags")
-    (run,) = scalars  # one run
+    if len(scalars) != len(LEARNING_RATES):
+        bad.append(f"expected {len(LEARNING_RATES)} runs, TensorBoard has {sorted(scalars)}")
+    run = sorted(scalars)[0]
     tags = set(scalars[run])
     bad += [f"scalar {t} missing" for t in MUST_HAVE if t not in tags]
     bad += [f"scalar {t} should not be logged" for t in MUST_NOT if t in tags]
@@ -103,8 +113,7 @@ def check_api(base: str) -> list[str]:
             bad.append(f"image {tag} missing")
             continue
         last = get(f"{base}/data/plugin/images/images?run={run}&tag={urllib.request.quote(tag)}")[-1]
-        png = get(f"{base}/data/plugin/images/individualImage?{last['query']}")
-        width = int.from_bytes(png[16:20], "big")  # the PNG header's IHDR width
+        width, _ = png_size(get(f"{base}/data/plugin/images/individualImage?{last['query']}"))
         if width < MIN_WIDTH:
             bad.append(f"image {tag} is {width} px wide (a labelled figure is >= {MIN_WIDTH})")
     layout = get(f"{base}/data/plugin/custom_scalars/layout")
@@ -114,11 +123,23 @@ def check_api(base: str) -> list[str]:
             bad.append(f"custom-scalars chart {title!r} missing (have {sorted(charts)})")
     exp = get(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
     metrics = {m["name"]["tag"] for m in exp.get("metricInfos", [])}
-    hparams = {h["name"] for h in exp.get("hparamInfos", [])}
+    hparams = {h.get("displayName") or h["name"] for h in exp.get("hparamInfos", [])}
     bad += [f"hparams metric {m} missing" for m in ("val/acc1", "val/loss") if m not in metrics]
     bad += [f"hparams {h} missing" for h in ("lr", "batch_size", "global_batch", "devices", "precision", "strategy",
                                              "vit.embed_dim", "vit.depth") if h not in hparams]
     bad += [f"hparams column {h} is an internal" for h in hparams if h.startswith("_")]
+    first = [h.get("displayName") for h in exp.get("hparamInfos", [])][:5]
+    if first != ["model", "params_M", "lr", "global_batch", "precision"]:
+        bad.append(f"the HParams table's first columns are {first}")
+    sessions = get(f"{base}/data/plugin/hparams/session_groups", {"experimentName": "", "allowedStatuses": [
+        "STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"], "colParams": [], "startIndex": 0,
+        "sliceSize": 100})
+    groups = sessions.get("sessionGroups", [])
+    if len(groups) != len(LEARNING_RATES):
+        bad.append(f"expected a session per run in the HParams tab, have {len(groups)}")
+    for group in groups:
+        if not {m["name"]["tag"] for m in group.get("metricValues", [])} >= {"val/acc1", "val/loss"}:
+            bad.append(f"session {group.get('name')} has no val/acc1 or val/loss value")
     texts = [t.removesuffix("/text_summary") for t in get(f"{base}/data/plugin/text/tags").get(run, [])]
     bad += [f"text {t} missing" for t in ("run/config", "run/summary") if t not in texts]
     print(f"TensorBoard API: {len(tags)} scalar tags, {len(images)} images, {len(charts)} custom-scalars charts, "
@@ -160,12 +181,14 @@ def screenshots(chromium: str, base: str, out: Path) -> list[Path]:
     for name, fragment, width, height in SHOTS:
         shots.append(out / f"{name}.png")
         shoot(chromium, f"{base}/#{fragment}", shots[-1], width, height)
-    (run,) = get(f"{base}/data/plugin/images/tags")
-    for tag in get(f"{base}/data/plugin/images/tags")[run]:
+    images = get(f"{base}/data/plugin/images/tags")
+    run = sorted(images)[0]
+    for tag in images[run]:
         last = get(f"{base}/data/plugin/images/images?run={run}&tag={urllib.request.quote(tag)}")[-1]
+        url = f"{base}/data/plugin/images/individualImage?{last['query']}"
+        width, height = png_size(get(url))
         shots.append(out / f"image_{tag.split('/')[-1]}.png")
-        shoot(chromium, f"{base}/data/plugin/images/individualImage?{last['query']}", shots[-1],
-              int(last["width"]) + 16, int(last["height"]) + 16)
+        shoot(chromium, url, shots[-1], width + 16, height + 16)
     return shots
 
 

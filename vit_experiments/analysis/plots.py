@@ -328,7 +328,7 @@ def plot_filter_components(components: ArrayLike, explained_variance_ratio: Opti
             r, c = divmod(i, ncols)
             x = pad + c * (size + pad) + size / 2
             y = pad + r * (size + pad) - 1
-            ax.text(x, y, f"{100 * float(ratio[i]):.1f}%", ha="center", va="bottom", fontsize=6)
+            ax.text(x, y, f"{100 * float(ratio[i]):.1f}%", ha="center", va="bottom", fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
     return fig

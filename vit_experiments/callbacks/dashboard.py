@@ -2,7 +2,8 @@
 resolved config, and a summary at the end.
 
 - HParams tab: the experiment's real hyperparameters (model and its size, learning rate, batch size per device,
-  devices x nodes x accumulation = global batch, precision, strategy, steps, seed) as one session per run, with
+  devices x nodes x accumulation = global batch, precision, strategy, steps, seed) as one session per run, in that
+  order (the table shows the first five until more are ticked: model, params_M, lr, global_batch, precision), with
   the run's headline metrics as the metric columns: every `val/` scalar (loss, acc1, acc5; for CLIP the zero-shot
   accuracies and retrieval recalls) and `train/loss`. TensorBoard reads the metric values from the run's own
   scalars, so runs compare there by `val/acc1`. Lightning's own dump of the task's arguments (every field of
@@ -55,22 +56,25 @@ def experiment_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> Dict
     hp = dict(pl_module.hparams_initial)
     dm = trainer.datamodule
     data = dict(dm.hparams_initial) if dm is not None and hasattr(dm, "hparams_initial") else {}
-    out: Dict[str, Any] = {"task": type(pl_module).__name__}
-    trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-    out["params_M"] = round(trainable / 1e6, 3)
     optim = hp.get("optim") if isinstance(hp.get("optim"), Mapping) else {}
-    out.update(_pick("", optim, ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "layer_decay")))
     batch = data.get("batch_size")
     accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    # the first five are the columns the HParams table shows until more are ticked
+    out: Dict[str, Any] = {"model": model_name(hp)}
+    trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+    out["params_M"] = round(trainable / 1e6, 3)
+    out.update(_pick("", optim, ("lr",)))
+    if isinstance(batch, int):
+        out["global_batch"] = batch * int(trainer.world_size) * accumulate
+    out["precision"] = str(trainer.precision)
+    out["task"] = type(pl_module).__name__
     if isinstance(batch, int):
         out["batch_size"] = batch
     out["devices"] = int(trainer.num_devices)
     out["num_nodes"] = int(trainer.num_nodes)
     out["accumulate_grad_batches"] = accumulate
-    if isinstance(batch, int):
-        out["global_batch"] = batch * int(trainer.world_size) * accumulate
-    out["precision"] = str(trainer.precision)
     out["strategy"] = type(trainer.strategy).__name__
+    out.update(_pick("", optim, ("weight_decay", "warmup_steps", "min_lr_ratio", "layer_decay")))
     out["max_epochs"] = trainer.max_epochs if trainer.max_epochs is not None else -1
     out["max_steps"] = int(trainer.max_steps)
     seed = os.environ.get("PL_GLOBAL_SEED")
@@ -94,6 +98,46 @@ def experiment_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> Dict
     if isinstance(data.get("image_size"), int) and "vit.image_size" not in out:
         out["data.image_size"] = data["image_size"]
     return out
+
+
+def model_name(hp: Mapping[str, Any]) -> str:
+    """One readable column for the network: "ViT 6x128 h4 p4 32px", "ResNet-18 32px", "CLIP ViT 4x128 h4 p8 32px +
+    text 2x128"; a named variant is given as such ("ViT-S/16 224px")."""
+    def vit(cfg: Any) -> str:
+        if not isinstance(cfg, Mapping):
+            return "ViT"
+        size = f" {cfg.get('image_size')}px" if cfg.get("image_size") else ""
+        if cfg.get("variant"):
+            return f"ViT-{cfg['variant']}{size}"
+        return (f"ViT {cfg.get('depth')}x{cfg.get('embed_dim')} h{cfg.get('num_heads')} p{cfg.get('patch_size')}"
+                + size)
+
+    if isinstance(hp.get("vit"), Mapping):
+        return vit(hp["vit"])
+    if isinstance(hp.get("resnet"), Mapping):
+        r = hp["resnet"]
+        return f"ResNet-{r.get('depth')}" + (f" {r.get('image_size')}px" if r.get("image_size") else "")
+    clip = hp.get("clip")
+    if isinstance(clip, Mapping):
+        text = clip.get("text") if isinstance(clip.get("text"), Mapping) else {}
+        return f"CLIP {vit(clip.get('vision'))} + text {text.get('depth')}x{text.get('width')}"
+    return "?"
+
+
+def hparams_summaries(hparams: Mapping[str, Any], metrics: List[str]) -> tuple:
+    """TensorBoard's (experiment, session start, session end) summaries of one run. TensorBoard orders the columns
+    by name, so each name carries its place ("00.model") and the column shows the plain name (display_name)."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from torch.utils.tensorboard.summary import hparams as tb_hparams
+
+    placed = {f"{i:02d}.{key}": value for i, (key, value) in enumerate(hparams.items())}
+    exp, ssi, sei = tb_hparams(placed, {m: 0.0 for m in metrics})
+    value = exp.value[0]
+    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.display_name = info.name.split(".", 1)[1]
+    value.metadata.plugin_data.content = data.SerializeToString()
+    return exp, ssi, sei
 
 
 def headline_metrics(tags) -> List[str]:
@@ -158,18 +202,18 @@ class Dashboard(Callback):
         self._hparams_written = True
         tags = set(trainer.callback_metrics)
         for lg in trainer.loggers:
-            tags |= set(getattr(lg, "scalar_tags", ()))
+            written = getattr(lg, "scalar_tags", None)  # vit_experiments.loggers.TensorBoardLogger's
+            if isinstance(written, set):
+                tags |= written
         self.metrics = headline_metrics(tags)
-        from torch.utils.tensorboard.summary import hparams
-
         for lg in trainer.loggers:
-            writer = lg.experiment
-            file_writer = getattr(writer, "_get_file_writer", None)
-            if callable(file_writer):  # TensorBoard: a session whose metric values TensorBoard reads from scalars
-                exp, ssi, sei = hparams(self.hparams, {m: 0.0 for m in self.metrics})
-                for summary in (exp, ssi, sei):
-                    file_writer().add_summary(summary)
-            else:
+            get_writer = getattr(lg.experiment, "_get_file_writer", None)
+            file_writer = get_writer() if callable(get_writer) else None  # None from fast_dev_run's DummyLogger
+            if callable(getattr(file_writer, "add_summary", None)):
+                # TensorBoard: a session whose metric values TensorBoard reads from the run's scalars
+                for summary in hparams_summaries(self.hparams, self.metrics):
+                    file_writer.add_summary(summary)
+            elif not callable(get_writer):
                 lg.log_hyperparams(self.hparams)
 
     # -- the end ------------------------------------------------------------------------------------------------
