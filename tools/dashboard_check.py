@@ -162,7 +162,7 @@ SHOTS = (
     ("custom_scalars", "custom_scalars&_smoothingWeight=0", 1500, 2300),
     ("images", "images", 1500, 1500),
     ("hparams", "hparams", 2400, 900),
-    ("text", "text", 1500, 1400),
+    ("text", "text", 1500, 2400),  # the config card, then the run summary below it
 )
 
 
