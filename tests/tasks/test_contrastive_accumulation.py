@@ -69,7 +69,9 @@ def total_norm(grads: dict[str, torch.Tensor]) -> float:
 
 
 def test_grad_accum_overlay_equals_one_batch_of_all_pairs(tmp_path, capsys):
-    reference = fit(tmp_path, "one-batch", split=1)
+    last = ({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},)
+    reference = fit(tmp_path, "one-batch", 1, callbacks=last, trainer={"enable_checkpointing": True})
     accumulated = fit(tmp_path, "accumulated", split=ACCUM)
     assert_same_steps(reference, accumulated)
     out = capsys.readouterr().out
@@ -77,6 +79,9 @@ def test_grad_accum_overlay_equals_one_batch_of_all_pairs(tmp_path, capsys):
     assert ("contrastive batch: 16 pairs per optimizer step (4 per device x 1 device x 4 accumulated "
             "micro-batches); feature-cached accumulation") in out
     assert "contrastive batch: 16 pairs per optimizer step (16 per device x 1 device)\n" in out
+    # the checkpoint of a run without accumulation resumed with it (Lightning counts steps elsewhere then)
+    resumed = fit(tmp_path, "resumed", ACCUM, "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), epochs=2)
+    assert [s["step"] for s in resumed] == [3, 4]
 
 
 def test_clipping_and_the_temperature_clamp_under_accumulation(tmp_path):

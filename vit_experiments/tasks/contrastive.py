@@ -195,6 +195,7 @@ class ContrastivePretraining(VisionTask):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
+        carry_step_count(checkpoint.get("loops", {}).get("fit_loop"), manual=not self.automatic_optimization)
         tokenizer = (checkpoint.get(METADATA_KEY) or {}).get("tokenizer")
         if tokenizer:  # the model's own tokenizer wins over any file named in the config
             self.set_tokenizer(CaptionTokenizer.from_str(tokenizer))
@@ -296,3 +297,19 @@ class ContrastivePretraining(VisionTask):
     def after_optimizer_step(self) -> None:
         # on every device (also on each device's shard under FSDP): t <= ln 100
         self.model.clamp_logit_scale()
+
+
+def carry_step_count(fit_loop: Optional[dict], manual: bool) -> None:
+    """Lightning counts optimizer steps in one of two places, by whether the module optimises itself (manual) or not.
+    A checkpoint of a run with feature-cached accumulation resumed without it, or the reverse, would restart the
+    step count (max_steps, the logging step) at 0: the count is copied to the place this run reads, in place."""
+    if not fit_loop:
+        return
+    automatic = (fit_loop.get("epoch_loop.automatic_optimization.optim_progress") or {}).get("optimizer", {}).get("step")
+    own = fit_loop.get("epoch_loop.manual_optimization.optim_step_progress")
+    if automatic is None or own is None:
+        return
+    src, dst = (automatic, own) if manual else (own, automatic)
+    if dst["total"]["completed"] == 0 and src["total"]["completed"] > 0:
+        for part in ("total", "current"):
+            dst[part].update({k: src[part][k] for k in ("ready", "completed")})
