@@ -95,7 +95,7 @@ def experiment_hparams(trainer: L.Trainer, pl_module: L.LightningModule) -> Dict
         v = _plain(value)
         if v is not None:
             out[key] = v
-    if isinstance(data.get("image_size"), int) and "vit.image_size" not in out:
+    if isinstance(data.get("image_size"), int) and not any(k.endswith("image_size") for k in out):
         out["data.image_size"] = data["image_size"]
     return out
 
