@@ -8,9 +8,9 @@
 2. Starts TensorBoard on the run and checks, through its HTTP data API, that every expected tag is there (and none
    of the meaningless ones): scalars, images and their sizes, the custom-scalars layout, the HParams metrics and
    hyperparameters, the config and summary texts.
-3. Takes headless-Chromium screenshots of the Scalars, Custom Scalars, Images, HParams and Text tabs into
-   <out>/screenshots/<tab>.png, and of each analysis figure at its actual size (image_<name>.png); skipped with
-   a note when no Chromium is found (`apt-get install -y chromium`).
+3. Takes headless-Chromium screenshots of the Time Series, Scalars, Custom Scalars, Images, HParams and Text
+   tabs into <out>/screenshots/<tab>.png, and of each analysis figure at its actual size (image_<name>.png);
+   skipped with a note when no Chromium is found (`apt-get install -y chromium`).
 Exits 1 naming every failed check.
 """
 from __future__ import annotations
@@ -158,6 +158,7 @@ def find_chromium(given: str | None) -> str | None:
 # (file name, URL fragment, window width, height): the tabs, smoothing off so that the few analysis points show
 # as they are; the HParams table is wide (every metric column beside the hyperparameters)
 SHOTS = (
+    ("timeseries", "timeseries", 1500, 1600),  # the tab TensorBoard opens on
     ("scalars", "scalars&_smoothingWeight=0", 1500, 1600),
     ("custom_scalars", "custom_scalars&_smoothingWeight=0", 1500, 2300),
     ("images", "images", 1500, 1500),

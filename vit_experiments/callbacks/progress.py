@@ -97,7 +97,8 @@ def _compiled(net: torch.nn.Module) -> bool:
     """Whether torch.compile has touched the network (CompileBlocks): a batch of one would compile it again."""
     if any(getattr(m, "_compiled_call_impl", None) is not None for m in net.modules()):
         return True
-    return any(hasattr(getattr(net, name, None), "_torchdynamo_orig_callable") for name in ("forward", "forward_features"))
+    entry_points = ("forward", "forward_features")
+    return any(hasattr(getattr(net, name, None), "_torchdynamo_orig_callable") for name in entry_points)
 
 
 def forward_flops_per_image(pl_module: Any, strategy: str = "") -> Optional[int]:

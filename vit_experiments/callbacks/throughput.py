@@ -5,8 +5,8 @@ A thin layer over Lightning's ThroughputMonitor that knows a vitx batch (images 
   perf/train_images_per_sec_per_device
 Lightning's running counts (train/time, train/batches, train/samples) are left out, and so are the rates of
 validation, which Lightning logs against the validation batch count, not the training step that every other
-chart is drawn against. The run summary (vit_experiments.callbacks.dashboard) gives the totals. The newest training rate is kept in
-`train_images_per_sec` for the run summary.
+chart is drawn against. The run summary (vit_experiments.callbacks.dashboard) gives the totals. The newest
+training rate is kept in `train_images_per_sec`.
 """
 
 from __future__ import annotations
