@@ -1,9 +1,9 @@
 """CPU threads of a vitx process, decided where vitx starts: before torch is imported.
 
-Why: on a CPU shared with other jobs, the training process's intra-op threads (one per core, from torch) spin
-while they wait for work (GNU OpenMP's default wait policy), and so do the DataLoader workers' parents; with
-another CPU-bound process on the same cores the spinning threads take turns with it and with the loader workers,
-and `make pretrain` on 2 busy cores ran at a tenth of its idle rate. A passive wait policy (threads sleep at once
+Why: the training process's intra-op threads (one per core, from torch) spin while they wait for work (GNU
+OpenMP's default wait policy). On a CPU shared with other jobs the spinning threads take cores from the loader
+workers and from the other jobs, and are themselves descheduled in the middle of parallel regions: `make pretrain`
+on 2 busy cores ran at a tenth of its idle rate. A passive wait policy (threads sleep at once
 when idle) keeps most of the idle rate and holds up beside other jobs; measured side by side by
 `python -m benchmarks cpu_threads` (README, "Performance").
 
