@@ -27,6 +27,12 @@ def test_folders_safetensors_and_npz(tmp_path):
     assert isinstance(d, LoadedDirectory) and d.layout == "hf" and d.config == {"model_type": "vit"}
     assert set(d.configs) == {"config.json", "preprocessor_config.json"} and d.files == [str(hf / "model.safetensors")]
     assert d.state_dict.keys() == weights.keys() and torch.equal(d.state_dict["a.weight"], weights["a.weight"])
+    (hf / "generation_config.json").write_text("{not json")  # a broken side file does not block the weights
+    with pytest.warns(UserWarning, match="generation_config.json"):
+        assert load_file(hf).state_dict.keys() == weights.keys()
+    (hf / "config.json").write_text("{not json")  # the model's own config does
+    with pytest.raises(ValueError, match="config.json as JSON"):
+        load_file(hf)
 
     oc = tmp_path / "open_clip"
     oc.mkdir()

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -62,6 +63,10 @@ _LAYOUTS = {
 }
 
 
+# the configs that describe the model; other *config.json files in a folder are only carried along
+_MODEL_CONFIGS = {cfg for cfg, _ in _LAYOUTS.values()} | {"preprocessor_config.json"}
+
+
 def _weight_files(names: list[str], patterns: tuple[str, ...]) -> list[str]:
     for pattern in patterns:
         found = sorted(n for n in names if re.fullmatch(pattern, n))
@@ -80,7 +85,11 @@ def load_directory(path: str, trust: bool = False) -> LoadedDirectory:
                 with open(os.path.join(path, name)) as f:
                     configs[name] = json.load(f)
             except (OSError, ValueError) as err:
-                raise ValueError(f"could not read {os.path.join(path, name)} as JSON ({err}); {DAMAGED_HINT}") from err
+                if name in _MODEL_CONFIGS:  # the model's own config: without it the weights cannot be read right
+                    raise ValueError(
+                        f"could not read {os.path.join(path, name)} as JSON ({err}); {DAMAGED_HINT}") from err
+                # a side file (generation_config.json, ...) that vitx does not use: a broken one must not block
+                warnings.warn(f"ignoring {os.path.join(path, name)}: not valid JSON ({err})", stacklevel=2)
     # the layout whose config is present first, then any layout with weights (a folder of bare shards)
     order = [k for k, (cfg, _) in _LAYOUTS.items() if cfg in configs] + list(_LAYOUTS)
     for layout in order:
