@@ -75,9 +75,12 @@ def get(url: str, body: dict | None = None):
 
 
 def start_tensorboard(logdir: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([str(BIN / "tensorboard"), "--logdir", str(logdir), "--port", str(port),
-                             "--host", "127.0.0.1", "--reload_interval", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # its messages go to a file, not a pipe: a pipe nobody reads fills up and blocks TensorBoard
+    log_path = logdir / "tensorboard.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(BIN / "tensorboard"), "--logdir", str(logdir), "--port", str(port),
+                                 "--host", "127.0.0.1", "--reload_interval", "1"],
+                                stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -87,7 +90,7 @@ def start_tensorboard(logdir: Path, port: int) -> subprocess.Popen:
             pass
         time.sleep(1)
     proc.kill()
-    raise SystemExit(f"TensorBoard did not answer on {base}: {proc.stderr.read().decode()[-2000:]}")
+    raise SystemExit(f"TensorBoard did not answer on {base}: {log_path.read_text(errors='replace')[-2000:]}")
 
 
 def png_size(png: bytes) -> tuple[int, int]:

@@ -3,7 +3,7 @@
     vitx fit|validate|test|predict --config conf/vit/pretrain.yaml [--config overlay.yaml] [--model.optim.lr 5e-4]
     vitx data synth|from-folder|...   write and inspect WebDataset shards
     vitx analyze --ckpt RUN/checkpoints/last.ckpt --images DIR|SHARDS --out OUT
-    vitx export --ckpt RUN/checkpoints/last.ckpt --format timm|hf --out PATH
+    vitx export --ckpt RUN/checkpoints/last.ckpt --format timm|hf|open_clip --out PATH
 
 The training verbs are Lightning's LightningCLI over the typed signatures of the tasks and datamodules: every
 argument of a task, a datamodule or the Trainer is a config key and a command-line flag, and an unknown key is an
@@ -73,7 +73,8 @@ USAGE = """usage: vitx {fit,validate,test,predict,data,analyze,zeroshot,export} 
   data                write or inspect shards: vitx data --help
   analyze             attention distance, position similarity, rollout, filters of a checkpoint: vitx analyze --help
   zeroshot            zero-shot accuracy and retrieval of a CLIP checkpoint on a class folder or shards: vitx zeroshot --help
-  export              a ViT/DeiT checkpoint in timm's or Hugging Face's layout: vitx export --help
+  export              a ViT/DeiT checkpoint in timm's or Hugging Face's layout, a CLIP in Hugging Face's or
+                      open_clip's: vitx export --help
 
   vitx fit --help lists every option of the trainer, the model and the data (add --model.help CLASS for a task's).
 """

@@ -244,9 +244,10 @@ class ContrastivePretraining(VisionTask):
                 self.manual_backward(cache.replay(self.model, j, grads[j], scale_grad if j == last else None))
         optimizer.step()  # through the precision plugin: the fp16 scaler unscales, skips overflows; clipping in
         # on_before_optimizer_step
-        scheduler = self.lr_schedulers()
-        for s in scheduler if isinstance(scheduler, list) else [scheduler] if scheduler is not None else []:
-            s.step()
+        for config in self.trainer.lr_scheduler_configs:  # as Lightning would: per-step schedulers every
+            # `frequency` optimizer steps (vitx's warm-up + cosine is one); per-epoch ones are Lightning's to step
+            if config.interval == "step" and self.trainer.global_step % config.frequency == 0:  # counts this step
+                config.scheduler.step()
         self.after_optimizer_step()
         pairs = cache.pairs() * self.trainer.world_size
         cache.clear()
