@@ -31,9 +31,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from vit_experiments.checkpoints import CheckpointInfo, read_checkpoint
+from vit_experiments.image_files import IMAGE_EXTENSIONS, image_files
 from vit_experiments.models.vit import VisionTransformer
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 # -- the model ---------------------------------------------------------------------------------------------------
@@ -53,13 +52,6 @@ def load_vit(ckpt_path: str, trust_checkpoint: bool = False,
 
 
 # -- the images --------------------------------------------------------------------------------------------------
-def _image_files(directory: str) -> list[str]:
-    files = []
-    for root, _, names in os.walk(directory):
-        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(files)
-
-
 def load_images(spec: str, size: int, num: int, crop_pct: float = 0.875) -> tuple[torch.Tensor, list[str]]:
     """The first `num` images of a folder, a shard folder, a shard pattern or one image file -> (uint8 (n, 3, size,
     size), names), prepared like the evaluation pipeline (resize the shorter side, centre crop)."""
@@ -70,7 +62,7 @@ def load_images(spec: str, size: int, num: int, crop_pct: float = 0.875) -> tupl
     items: list[tuple[str, bytes]] = []
     if os.path.isdir(spec):
         shards = sorted(glob.glob(os.path.join(spec, "val-*.tar"))) or sorted(glob.glob(os.path.join(spec, "*.tar")))
-        files = [] if shards else _image_files(spec)
+        files = [] if shards else image_files(spec)
         if not shards and not files:
             raise FileNotFoundError(f"{spec} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no .tar shards")
         for f in files[:num]:

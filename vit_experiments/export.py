@@ -29,10 +29,10 @@ from typing import Optional, Sequence
 import torch
 
 from vit_experiments.checkpoints import CheckpointInfo, read_checkpoint
+from vit_experiments.checkpoints.hf_vit import HF_ACT_NAMES
 from vit_experiments.models.vit import VARIANTS, ViTConfig
 
 TIMM_NAMES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 TIMM_ACTIVATIONS = {"gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
 
 
@@ -116,7 +116,7 @@ def hf_model(info: CheckpointInfo):
         raise ValueError(f"the Hugging Face ViT has no {', '.join(unsupported)}: export this model with --format timm")
     names = info.class_names or [f"LABEL_{i}" for i in range(cfg.num_classes)]
     kwargs = dict(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-                  intermediate_size=cfg.mlp_dim, hidden_act=HF_ACTIVATIONS[cfg.act], layer_norm_eps=cfg.norm_eps,
+                  intermediate_size=cfg.mlp_dim, hidden_act=HF_ACT_NAMES[cfg.act], layer_norm_eps=cfg.norm_eps,
                   image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans,
                   qkv_bias=cfg.qkv_bias, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                   num_labels=cfg.num_classes, id2label=dict(enumerate(names)),

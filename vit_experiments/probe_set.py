@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+from vit_experiments.image_files import IMAGE_EXTENSIONS, image_files
 
 
 class ProbeSet:
@@ -56,15 +56,8 @@ class ProbeSet:
         return images, (torch.tensor(labels, dtype=torch.long) if self.labels is not None else None)
 
 
-def _image_files(directory: str) -> list[str]:
-    files = []
-    for root, _, names in os.walk(directory):
-        files += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(files)
-
-
 def _from_folder(directory: str, num: int) -> ProbeSet:
-    files = _image_files(directory)
+    files = image_files(directory)
     by_class: dict[str, list[str]] = defaultdict(list)
     for f in files:
         parts = os.path.relpath(f, directory).split(os.sep)

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from vit_experiments.analyze import IMAGE_EXTENSIONS, _image_files
+from vit_experiments.image_files import IMAGE_EXTENSIONS, image_files
 
 PROG = "vitx zeroshot"
 
@@ -66,10 +66,10 @@ class Corpus:
 
 def _class_folder(root: str) -> Corpus:
     subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    per_class = [(d, _image_files(os.path.join(root, d))) for d in subdirs]
+    per_class = [(d, image_files(os.path.join(root, d))) for d in subdirs]
     per_class = [(d, files) for d, files in per_class if files]
     if not per_class:
-        loose = _image_files(root)
+        loose = image_files(root)
         what = (f"{len(loose)} images but no class sub-directories" if loose
                 else f"no images ({', '.join(IMAGE_EXTENSIONS)}) and no .tar shards")
         raise ZeroShotError(f"{root} holds {what}: zero-shot classification needs FOLDER/<class>/*.jpg or shards "

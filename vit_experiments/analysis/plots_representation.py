@@ -10,21 +10,10 @@ Built on matplotlib.figure.Figure with the Agg canvas, never pyplot: no global s
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-
-def _figure(figsize: Tuple[float, float], dpi: int = 100) -> Figure:
-    fig = Figure(figsize=figsize, dpi=dpi)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def render(fig: Figure) -> np.ndarray:
-    """Draw a figure -> (H, W, 3) uint8."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+from .plots import figure_to_array, new_figure
 
 
 def _ticks(n: int, start: int = 1) -> np.ndarray:
@@ -44,7 +33,7 @@ def plot_attention_statistics(entropy: np.ndarray, nmi: Optional[np.ndarray], lo
     e = np.asarray(entropy, dtype=np.float64)
     layers, heads = e.shape
     panels = 1 + (nmi is not None) + (logit_max is not None)
-    fig = _figure((4.0 * panels + 0.6, 3.8))
+    fig = new_figure((4.0 * panels + 0.6, 3.8))
     i = 1
     for values, title, vmax, label in ((e, f"Attention entropy (uniform = log T = {max_entropy:.2f})", max_entropy,
                                         "entropy (nats)"),
@@ -73,7 +62,7 @@ def plot_attention_statistics(entropy: np.ndarray, nmi: Optional[np.ndarray], lo
         ax.set_title("Attention logit maximum", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return render(fig)
+    return figure_to_array(fig)
 
 
 def _display(images: np.ndarray) -> np.ndarray:
@@ -98,7 +87,7 @@ def plot_outlier_tokens(share: np.ndarray, images: np.ndarray, mask: np.ndarray,
     m = np.asarray(mask, dtype=bool)[: len(imgs)]
     ncols = min(4, len(imgs))
     nrows = int(np.ceil(len(imgs) / ncols))
-    fig = _figure((4.2 + 1.9 * ncols, max(3.6, 2.2 * nrows + 0.6)))
+    fig = new_figure((4.2 + 1.9 * ncols, max(3.6, 2.2 * nrows + 0.6)))
     grid = fig.add_gridspec(nrows, ncols + 2)
     ax = fig.add_subplot(grid[:, :2])
     ax.bar(np.arange(1, len(s) + 1), 100.0 * s, color="tab:purple")
@@ -119,7 +108,7 @@ def plot_outlier_tokens(share: np.ndarray, images: np.ndarray, mask: np.ndarray,
         a.set_title(f"image {b + 1}: {int(m[b].sum())}", fontsize=8)
     fig.suptitle(f"Outlier tokens of layer {layer} outlined", fontsize=9)
     fig.tight_layout()
-    return render(fig)
+    return figure_to_array(fig)
 
 
 def plot_cka(within: np.ndarray, compare: Optional[np.ndarray] = None,
@@ -129,7 +118,7 @@ def plot_cka(within: np.ndarray, compare: Optional[np.ndarray] = None,
     if compare is not None:
         mats.append((np.asarray(compare, dtype=np.float64), f"Linear CKA: {names[0]} vs {names[1]}",
                      names[0], names[1]))
-    fig = _figure((4.8 * len(mats), 4.2))
+    fig = new_figure((4.8 * len(mats), 4.2))
     for i, (m, title, rows, cols) in enumerate(mats):
         ax = fig.add_subplot(1, len(mats), i + 1)
         _heatmap(fig, ax, m, 0.0, 1.0, "magma", "CKA")
@@ -142,14 +131,14 @@ def plot_cka(within: np.ndarray, compare: Optional[np.ndarray] = None,
         ax.set_xlabel(f"{cols} layer (0 = embedding)")
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    return render(fig)
+    return figure_to_array(fig)
 
 
 def plot_probes(cls_accuracy: Optional[np.ndarray], patch_accuracy: Optional[np.ndarray], chance: float,
                 num_train: int, num_test: int) -> np.ndarray:
     """Linear-probe test accuracy against layer, for the class token and the mean patch token; `chance`: the
     majority-class rate of the test part, drawn dashed."""
-    fig = _figure((5.6, 3.8))
+    fig = new_figure((5.6, 3.8))
     ax = fig.add_subplot(1, 1, 1)
     for acc, label, colour in ((cls_accuracy, "class token", "tab:blue"), (patch_accuracy, "mean patch token",
                                                                           "tab:orange")):
@@ -164,4 +153,4 @@ def plot_probes(cls_accuracy: Optional[np.ndarray], patch_accuracy: Optional[np.
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    return render(fig)
+    return figure_to_array(fig)

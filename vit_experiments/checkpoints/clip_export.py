@@ -28,10 +28,10 @@ from typing import Optional
 import torch
 
 from vit_experiments.checkpoints.clip_layouts import from_vitx_hf, from_vitx_openai
+from vit_experiments.checkpoints.hf_vit import HF_ACT_NAMES
 from vit_experiments.checkpoints.info import CheckpointInfo
 from vit_experiments.models.clip import CLIPConfig
 
-HF_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 FORMATS = ("hf", "open_clip")
 
 
@@ -137,12 +137,12 @@ def hf_config(cfg: CLIPConfig, logit_scale: float, eos: int, bos: int) -> dict:
         "logit_scale_init_value": logit_scale, "torch_dtype": "float32",
         "text_config": {"model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
                         "intermediate_size": t.mlp_dim, "num_hidden_layers": t.depth, "num_attention_heads": t.num_heads,
-                        "max_position_embeddings": t.context_length, "hidden_act": HF_ACTS[t.act],
+                        "max_position_embeddings": t.context_length, "hidden_act": HF_ACT_NAMES[t.act],
                         "layer_norm_eps": t.norm_eps, "eos_token_id": eos, "bos_token_id": bos, "pad_token_id": 0,
                         "projection_dim": cfg.embed_dim, "attention_dropout": 0.0},
         "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.embed_dim, "intermediate_size": v.mlp_dim,
                           "num_hidden_layers": v.depth, "num_attention_heads": v.num_heads, "image_size": v.image_size,
-                          "patch_size": v.patch_size, "num_channels": v.in_chans, "hidden_act": HF_ACTS[v.act],
+                          "patch_size": v.patch_size, "num_channels": v.in_chans, "hidden_act": HF_ACT_NAMES[v.act],
                           "layer_norm_eps": v.norm_eps, "projection_dim": cfg.embed_dim, "attention_dropout": 0.0},
     }
 

@@ -38,13 +38,13 @@ from typing import Any, Iterator, Optional
 import torch
 
 from vit_experiments.checkpoints.clip_layouts import to_vitx_hf, to_vitx_openai
+from vit_experiments.checkpoints.hf_vit import HF_ACTIVATIONS
 from vit_experiments.checkpoints.info import CheckpointInfo, register_reader
 from vit_experiments.models.clip import CLIP, CLIPConfig
 from vit_experiments.models.text import TextConfig
 from vit_experiments.models.vit import ViTConfig
 
 # Hugging Face's hidden_act names -> vitx's act
-HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # what a reader is told besides the file: set with clip_overrides() or the environment (VITX_CLIP_ACT, ...)
 OVERRIDE_ENV = {"act": "VITX_CLIP_ACT", "vision_heads": "VITX_CLIP_VISION_HEADS", "text_heads": "VITX_CLIP_TEXT_HEADS"}
 _OVERRIDES: dict[str, Any] = {}
@@ -142,9 +142,9 @@ def _act(config_act: Optional[str], default: str, why: str, notes: list[str]) ->
     if act is None:
         act = default
         notes.append(f"activation: {default} ({why}; set VITX_CLIP_ACT or `vitx zeroshot --act` otherwise)")
-    if act not in HF_ACTS:
-        raise ValueError(f"unknown activation {act!r}; vitx's CLIP has {', '.join(sorted(set(HF_ACTS.values())))}")
-    return HF_ACTS[act]
+    if act not in HF_ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; vitx's CLIP has {', '.join(sorted(set(HF_ACTIVATIONS.values())))}")
+    return HF_ACTIVATIONS[act]
 
 
 def _check_fits(config: CLIPConfig, state: dict[str, torch.Tensor], path: str, source: str) -> None:

@@ -27,6 +27,8 @@ from vit_experiments.checkpoints.io import LoadedDirectory
 MODEL_TYPES = ("vit", "deit")
 # transformers' activation names -> vitx's
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
+# the other way, for export: vitx activation -> the hidden_act transformers builds it from
+HF_ACT_NAMES = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 
 _L = r"(?:encoder\.layer|layers)\.(\d+)"
 # (pattern on the name without its "vit."/"deit." prefix, vitx's name); q/k/v go to temporary names first
