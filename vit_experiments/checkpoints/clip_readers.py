@@ -39,35 +39,29 @@ import torch
 
 from vit_experiments.checkpoints.clip_layouts import to_vitx_hf, to_vitx_openai
 from vit_experiments.checkpoints.hf_vit import HF_ACTIVATIONS
+from vit_experiments.checkpoints.infer import overrides, overriding
 from vit_experiments.checkpoints.info import CheckpointInfo, register_reader
 from vit_experiments.models.clip import CLIP, CLIPConfig
 from vit_experiments.models.text import TextConfig
 from vit_experiments.models.vit import ViTConfig
 
-# Hugging Face's hidden_act names -> vitx's act
 # what a reader is told besides the file: set with clip_overrides() or the environment (VITX_CLIP_ACT, ...)
 OVERRIDE_ENV = {"act": "VITX_CLIP_ACT", "vision_heads": "VITX_CLIP_VISION_HEADS", "text_heads": "VITX_CLIP_TEXT_HEADS"}
-_OVERRIDES: dict[str, Any] = {}
 
 
 @contextmanager
 def clip_overrides(**values: Any) -> Iterator[None]:
     """Within the block, the CLIP readers use these (act, vision_heads, text_heads; None = not set) over what
-    they infer."""
+    they infer (held like every reader override, by checkpoints.infer.overriding)."""
     bad = set(values) - set(OVERRIDE_ENV)
     if bad:
         raise TypeError(f"unknown CLIP override(s) {sorted(bad)}; valid: {', '.join(OVERRIDE_ENV)}")
-    saved = dict(_OVERRIDES)
-    _OVERRIDES.update({k: v for k, v in values.items() if v is not None})
-    try:
+    with overriding(**values):
         yield
-    finally:
-        _OVERRIDES.clear()
-        _OVERRIDES.update(saved)
 
 
 def _override(name: str) -> Optional[Any]:
-    value = _OVERRIDES.get(name, os.environ.get(OVERRIDE_ENV[name]) or None)
+    value = overrides().get(name, os.environ.get(OVERRIDE_ENV[name]) or None)
     if value is not None and name.endswith("heads"):
         value = int(value)
     return value
@@ -120,8 +114,6 @@ def _grid_side(tokens: int, what: str) -> int:
 def _heads(width: int, given: Optional[int], tower: str, notes: list[str]) -> int:
     override = _override(f"{tower}_heads")
     if override is None and tower == "vision":  # read_checkpoint(num_heads=N), `#num_heads=N`: the image tower's
-        from vit_experiments.checkpoints.infer import overrides
-
         override = overrides().get("num_heads")
     heads = override or given
     if heads is None:

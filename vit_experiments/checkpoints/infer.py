@@ -37,8 +37,9 @@ OVERRIDABLE = ("num_heads",)
 
 @contextlib.contextmanager
 def overriding(**values: Any) -> Iterator[None]:
-    """Within the block, readers use these values (None: not given) instead of what they would infer."""
-    token = _OVERRIDES.set({k: v for k, v in values.items() if v is not None})
+    """Within the block, readers use these values (None: not given) instead of what they would infer; values set
+    by an enclosing block stay unless given again."""
+    token = _OVERRIDES.set({**_OVERRIDES.get(), **{k: v for k, v in values.items() if v is not None}})
     try:
         yield
     finally:
