@@ -11,8 +11,8 @@ OMP_WAIT_POLICY is read by the OpenMP runtime when torch loads it, so it must be
 first `import torch`: `vit_experiments.cli` calls `configure()` first thing, before Lightning (and torch) are
 imported. DataLoader worker processes run one intra-op thread each (torch sets that in every worker).
 
-The user wins: an OMP_WAIT_POLICY or OMP_NUM_THREADS already in the environment is kept, and VITX_THREADS=off
-leaves torch's defaults alone altogether.
+The user wins: an OMP_WAIT_POLICY already in the environment is kept (vitx never sets OMP_NUM_THREADS, so the
+user's thread count always stands), and VITX_THREADS=off leaves torch's defaults alone altogether.
 """
 
 from __future__ import annotations
