@@ -142,6 +142,13 @@ def fully_shard_units(root: nn.Module, mesh, mp_policy=None, reshard_after_forwa
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(_average_grad)
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy(), "ignored_params": scalars or None}
+    if kwargs["mp_policy"].param_dtype not in (None, torch.float32):
+        # BatchNorm keeps fp32 parameters beside its fp32 running statistics (which FSDP does not cast): batch_norm
+        # refuses bf16 weights with fp32 statistics, and takes a bf16 input with fp32 parameters as it comes
+        keep_fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                         cast_forward_inputs=False)
+        for bn in (m for m in root.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            fully_shard(bn, mesh=mesh, mp_policy=keep_fp32, reshard_after_forward=reshard_after_forward)
     for unit in units:
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **kwargs)
     towers = [m for m in root.modules() if m is not root and scaling_units(m)]

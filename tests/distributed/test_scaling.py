@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -112,7 +113,8 @@ def test_compile_blocks_keeps_names_and_outputs():
 # -- 2 processes ---------------------------------------------------------------------------------------------
 
 
-def experiment(tmp: Path, name: str, clip: bool = False, ckpt_dir: bool = False, compile: bool = False) -> Path:
+def experiment(tmp: Path, name: str, clip: bool = False, ckpt_dir: bool = False, compile: bool = False,
+               resnet: bool = False) -> Path:
     """A tiny experiment on GlobalBatchData that records its losses in tmp/<name>.json."""
     callbacks = [{"class_path": "tests.distributed._scaling.RecordLosses", "init_args": {"path": str(tmp / f"{name}.json")}}]
     if compile:  # as conf/trainer/compile.yaml, but traced without generating code, which takes long on a CPU
@@ -134,6 +136,15 @@ def experiment(tmp: Path, name: str, clip: bool = False, ckpt_dir: bool = False,
                     "text": {"vocab_size": 50, "context_length": 12, "width": 32, "depth": 2, "num_heads": 2},
                 },
                 "optim": {"lr": 1e-3, "warmup_steps": 2},
+            },
+        }
+    elif resnet:  # the DeiT teacher's network: BatchNorm under sharding and mixed precision
+        model = {
+            "class_path": "vit_experiments.tasks.classification.ImageClassifier",
+            "init_args": {
+                "resnet": {"depth": 18, "base_width": 4, "num_classes": 4, "stem": "cifar", "image_size": 16},
+                "optim": {"lr": 1e-3, "warmup_steps": 2},
+                "hflip": False,
             },
         }
     else:
@@ -193,6 +204,7 @@ def runs(tmp_path_factory) -> Path:
         fit_args(experiment(tmp, "clip-fsdp", clip=True), "fsdp"),
         # bf16 autocast with bf16 all-gathers and fp32 gradient reduction (the mixed-precision policy)
         fit_args(experiment(tmp, "fsdp-bf16"), "fsdp", "bf16"),
+        fit_args(experiment(tmp, "resnet-fsdp-bf16", resnet=True), "fsdp", "bf16"),
     ]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -222,6 +234,13 @@ def test_fsdp_under_bf16_stays_close_to_fp32(runs):
     single, bf16 = losses(runs, "single"), losses(runs, "fsdp-bf16")
     torch.testing.assert_close(torch.tensor(bf16), torch.tensor(single), rtol=0, atol=1e-2)
     assert bf16 != single  # it did run in bf16
+
+
+@needs_distributed
+def test_a_resnet_trains_under_fsdp_and_bf16(runs):
+    """BatchNorm keeps fp32 parameters beside its fp32 statistics while the convolutions gather bf16 ones."""
+    bf16 = losses(runs, "resnet-fsdp-bf16")
+    assert len(bf16) == STEPS and all(map(math.isfinite, bf16)) and bf16[0] != bf16[-1]
 
 
 @needs_distributed
