@@ -38,6 +38,20 @@ def tiny_shapes(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_captions(tmp_path_factory) -> Path:
+    """64 + 32 captioned 16-px shapes (jpg + txt + cls, classes.json) and a tokenizer trained on their captions;
+    read-only for the tests that share it."""
+    from data_pipelines.tokenizer import train_tokenizer
+    from data_pipelines.writers_captions import write_synthetic_captions
+
+    out = tmp_path_factory.mktemp("captions")
+    write_synthetic_captions(out, num_train=64, num_val=32, image_size=16, shard_size=32)
+    train_tokenizer([str(out / "train-{000000..000001}.tar")], out / "tokenizer.json", vocab_size=300,
+                    context_length=24)
+    return out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _scratch_working_directory(tmp_path_factory):
     """Runs write relative paths (runs/, checkpoints/, analysis/, data/shapes) where they start: in a scratch

@@ -19,8 +19,6 @@ from data_pipelines.metadata import write_classes
 from data_pipelines.shards import iter_shard
 from data_pipelines.synthetic import encode_jpeg
 from data_pipelines.writers import ShardSink
-from data_pipelines.tokenizer import train_tokenizer
-from data_pipelines.writers_captions import write_synthetic_captions
 from tests.tasks.test_contrastive import DEMO, tiny_args
 from vit_experiments.checkpoints import METADATA_KEY, network_metadata
 from vit_experiments.cli import main
@@ -31,13 +29,8 @@ from vit_experiments.zeroshot import class_names_for, main_zeroshot
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """64 + 32 captioned 16-px shapes (jpg + txt + cls, classes.json) and a tokenizer trained on their captions."""
-    out = tmp_path_factory.mktemp("captions")
-    write_synthetic_captions(out, num_train=64, num_val=32, image_size=16, shard_size=32)
-    train_tokenizer([str(out / "train-{000000..000001}.tar")], out / "tokenizer.json", vocab_size=300,
-                    context_length=24)
-    return out
+def corpus(tiny_captions) -> Path:
+    return tiny_captions
 
 
 @pytest.fixture(scope="module")

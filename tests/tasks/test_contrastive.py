@@ -12,8 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_pipelines.datamodules import ImageTextDataModule
-from data_pipelines.tokenizer import CaptionTokenizer, train_tokenizer
-from data_pipelines.writers_captions import write_synthetic_captions
+from data_pipelines.tokenizer import CaptionTokenizer
 from tests.conftest import REPO
 from vit_experiments.cli import main
 from vit_experiments.models.clip import CLIPConfig
@@ -27,13 +26,8 @@ DEMO = REPO / "conf" / "clip" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """64 + 32 captioned 16-px shapes (jpg + txt + cls) and a tokenizer trained on their captions."""
-    out = tmp_path_factory.mktemp("captions")
-    write_synthetic_captions(out, num_train=64, num_val=32, image_size=16, shard_size=32)
-    train_tokenizer([str(out / "train-{000000..000001}.tar")], out / "tokenizer.json", vocab_size=300,
-                    context_length=24)
-    return out
+def corpus(tiny_captions) -> Path:
+    return tiny_captions
 
 
 def tiny_args(config: Path, corpus: Path, runs: Path, *extra: str) -> list[str]:

@@ -20,8 +20,6 @@ import pytest
 import torch
 import yaml
 
-from data_pipelines.tokenizer import train_tokenizer
-from data_pipelines.writers_captions import write_synthetic_captions
 from tests.conftest import REPO
 from tests.distributed._contrastive_accum import TINY_CLIP, experiment, steps_of
 from tests.models.test_clip import captions, tiny_config
@@ -120,12 +118,8 @@ def test_accumulation_under_bf16_stays_close_to_one_bf16_batch(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("captions")
-    write_synthetic_captions(out, num_train=64, num_val=16, image_size=16, shard_size=32)
-    train_tokenizer([str(out / "train-{000000..000001}.tar")], out / "tokenizer.json", vocab_size=300,
-                    context_length=24)
-    return out
+def corpus(tiny_captions) -> Path:
+    return tiny_captions
 
 
 def demo_args(corpus: Path, tmp: Path, name: str, *extra: str) -> list[str]:
