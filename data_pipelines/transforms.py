@@ -154,9 +154,9 @@ def _rgb8(img: Image.Image) -> np.ndarray:
 
 def _decode_jpeg_turbo(data: bytes, size: int, box_fn, fast: bool, max_pixels: Optional[int]):
     """libjpeg-turbo through simplejpeg: straight to an RGB array, at the smallest DCT scale (1, 1/2, 1/4, 1/8:
-    DCT_SCALES) at which the crop keeps `size` pixels per side; `fast` takes libjpeg's fast integer IDCT and plain chroma
-    upsampling. None where simplejpeg is missing or the JPEG is one it does not convert faithfully (CMYK/YCCK:
-    Pillow handles Adobe's inverted CMYK)."""
+    DCT_SCALES) at which the crop keeps `size` pixels per side; `fast` takes libjpeg's fast integer IDCT and
+    plain chroma upsampling. None where simplejpeg is missing or the JPEG is one it does not convert faithfully
+    (CMYK/YCCK: Pillow handles Adobe's inverted CMYK)."""
     if simplejpeg is None or data[:2] != b"\xff\xd8":
         return None
     try:

@@ -18,7 +18,14 @@ import pytest
 from PIL import Image
 
 from data_pipelines import transforms
-from data_pipelines.transforms import DCT_SCALES, _dct_scale, _resize_box, decode_eval, decode_train, random_resized_crop_box
+from data_pipelines.transforms import (
+    DCT_SCALES,
+    _dct_scale,
+    _resize_box,
+    decode_eval,
+    decode_train,
+    random_resized_crop_box,
+)
 
 pytestmark = pytest.mark.skipif(transforms.simplejpeg is None, reason="simplejpeg is not installed")
 
