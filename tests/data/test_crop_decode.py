@@ -14,6 +14,7 @@ import math
 import random
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -129,8 +130,25 @@ def test_the_crop_box_draw_is_unchanged():
 
 
 def test_corrupt_jpeg_is_an_error_for_the_stream_to_count():
+    """ShardStream counts and skips a sample whose decode raises; a damaged JPEG must raise, not decode grey."""
     data = _photo_jpeg(500, 375)
-    broken = data[:200] + bytes(range(256)) * 8 + data[2248:]  # a valid header, garbage in the scan
-    for bad in (data[: len(data) // 3], broken):
-        with pytest.raises(Exception):
+    broken = data[:200] + bytes(range(256)) * 8 + data[2248:]  # garbage over the tables and the scan
+    for bad, error in ((data[: len(data) // 3], "Premature end"), (broken, "cannot")):
+        with pytest.raises((ValueError, OSError), match=error):
             decode_train(bad, 224, random.Random(0))
+
+
+def test_truncated_jpeg_in_a_shard_is_skipped_and_counted(tmp_path):
+    from data_pipelines.samples import ImageLabelDecoder
+    from data_pipelines.streaming import ShardStream
+
+    from .conftest import write_tar
+
+    samples = [{"__key__": f"s{i:04d}", "jpg": _photo_jpeg(100, 75, seed=i), "cls": str(i).encode()} for i in range(8)]
+    samples[5]["jpg"] = samples[5]["jpg"][: len(samples[5]["jpg"]) // 2]  # header intact, the scan cut short
+    write_tar(tmp_path / "train-000000.tar", samples)
+    ds = ShardStream(str(tmp_path / "train-000000.tar"), ImageLabelDecoder(32), batch_size=1, train=True,
+                     shuffle_buffer=4, max_error_rate=0.5)
+    labels = sorted(torch.cat([y for _, y in ds]).tolist())
+    assert labels == [0, 1, 2, 3, 4, 6, 7]
+    assert ds.stats.summary()["errors"] == 1
