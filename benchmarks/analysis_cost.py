@@ -1,5 +1,6 @@
-"""What the analysis callback costs against training: one analysis (analyze_model on the probe batch plus the files
-the callback writes) against the training steps between two analyses at the default frequency (once per epoch).
+"""What the analysis callback costs against training: one analysis (analyze_model on the probe batch and on the
+labelled representation set, CKA and probes, plus the files the callback writes) against the training steps between
+two analyses at the default frequency (once per epoch).
 
     python -m benchmarks.analysis_cost --preset pretrain    # conf/vit/pretrain.yaml's model, batch and epoch
     python -m benchmarks.analysis_cost --preset s16         # ViT-S/16 at 224 px, an ImageNet-1k epoch
@@ -48,12 +49,15 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", choices=sorted(PRESETS), default="pretrain")
     p.add_argument("--batch-size", type=int, default=None, help="batch the training step is timed at")
     p.add_argument("--num-images", type=int, default=8, help="probe batch (the callback's default, 8)")
+    p.add_argument("--representation-images", type=int, default=256,
+                   help="labelled set for CKA and the probes (the callback's default, 256; 0: off)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of (analysis, steps)")
     p.add_argument("--steps", type=int, default=3, help="training steps timed per round")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
 
     from vit_experiments.analysis.report import analyze_model, save_report
+    from vit_experiments.callbacks.analysis import REPRESENTATION_BATCH
     from vit_experiments.models.vit import ViTConfig, VisionTransformer
 
     preset = PRESETS[args.preset]
@@ -66,6 +70,11 @@ def main(argv=None) -> dict:
     y = torch.randint(0, model.cfg.num_classes, (batch,))
     probe = torch.randn(args.num_images, 3, size, size)
     display = torch.randint(0, 256, (args.num_images, 3, size, size), dtype=torch.uint8)
+    m = args.representation_images
+    # as the callback passes its representation set: normalised images, labels, the task's number of classes
+    rep = dict(representation_images=torch.randn(m, 3, size, size), num_classes=model.cfg.num_classes,
+               representation_labels=torch.randint(0, model.cfg.num_classes, (m,)),
+               representation_batch_size=REPRESENTATION_BATCH) if m else {}
 
     def step():
         model.train()
@@ -79,20 +88,25 @@ def main(argv=None) -> dict:
     def analysis():
         with tempfile.TemporaryDirectory() as d:  # as the callback: every figure drawn, files written
             t0 = time.perf_counter()
-            result = analyze_model(model, probe, display, figures=True)
+            result = analyze_model(model, probe, display, figures=True, **rep)
             parts.setdefault("analyze_model", []).append(time.perf_counter() - t0)
             t1 = time.perf_counter()
             save_report(result, d, figures=True)
             parts.setdefault("save_report", []).append(time.perf_counter() - t1)
+            parts.setdefault("callback", []).append(time.perf_counter() - t0)  # what one analysis of the callback costs
             # the numbers alone, without any figure: what the new analyses add to the forward pass
             parts.setdefault("numbers_only", []).append(_time(lambda: analyze_model(model, probe, figures=False)))
+            if m:  # the representation set's share: CKA and probes on it, against the probe batch's CKA
+                with_set = _time(lambda: analyze_model(model, probe, figures=False, **rep))
+                parts.setdefault("representation_set", []).append(with_set - parts["numbers_only"][-1])
 
     step()  # warm-up: allocator, first-call overheads
     analysis()
     parts.clear()
     t_analysis, t_step = [], []
     for _ in range(args.rounds):
-        t_analysis.append(_time(analysis) - parts["numbers_only"][-1])
+        analysis()
+        t_analysis.append(parts["callback"][-1])
         t_step.append(_time(lambda: [step() for _ in range(args.steps)]) / args.steps)
     ta, ts = statistics.median(t_analysis), statistics.median(t_step)
     run_batch = preset["run_batch"]
@@ -100,11 +114,12 @@ def main(argv=None) -> dict:
     steps_per_epoch = preset["epoch_images"] / run_batch
     record = {
         "preset": args.preset, "model": preset["vit"], "threads": torch.get_num_threads(),
-        "load_average": os.getloadavg(), "probe_images": args.num_images,
+        "load_average": os.getloadavg(), "probe_images": args.num_images, "representation_images": m,
         "analysis_seconds": ta, "analysis_seconds_all": t_analysis,
         "analyze_model_seconds": statistics.median(parts["analyze_model"]),
         "save_report_seconds": statistics.median(parts["save_report"]),
         "numbers_only_seconds": statistics.median(parts["numbers_only"]),
+        "representation_set_seconds": statistics.median(parts["representation_set"]) if m else 0.0,
         "step_seconds": ts, "step_batch": batch, "step_seconds_all": t_step,
         "run_batch": run_batch, "step_seconds_at_run_batch": ts_run, "steps_per_epoch": steps_per_epoch,
         "share_once_per_epoch": ta / (ta + steps_per_epoch * ts_run),
@@ -115,7 +130,8 @@ def main(argv=None) -> dict:
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print(f"{args.preset}: one analysis {ta:.2f} s (analyze_model {record['analyze_model_seconds']:.2f} s, of which "
-          f"numbers only {record['numbers_only_seconds']:.2f} s; files {record['save_report_seconds']:.2f} s); "
+          f"numbers only {record['numbers_only_seconds']:.2f} s, the {m}-image representation set "
+          f"{record['representation_set_seconds']:.2f} s; files {record['save_report_seconds']:.2f} s); "
           f"a training step {ts:.3f} s at batch {batch} -> {ts_run:.2f} s at batch {run_batch}; "
           f"{steps_per_epoch:.0f} steps per epoch: the analysis is {ta / ts_run:.2f} steps, "
           f"{100 * record['share_once_per_epoch']:.3f}% of training at once per epoch "

@@ -27,7 +27,7 @@ def test_fit_logs_the_attention_statistics_and_cka(tmp_path):
     for name in ("attention_entropy", "attention_entropy_min", "attention_logit_max", "attention_nmi",
                  "outlier_tokens", "outlier_norm_ratio", "cka_adjacent"):
         assert {f"analysis/{name}/layer_01", f"analysis/{name}/layer_02"} <= scalars, name
-    assert not any(t.startswith("analysis/probe") for t in scalars)  # 4 unlabelled images: no probe
+    assert not any(t.startswith("analysis/probe") for t in scalars)  # one validation batch, 8 images: too few
     for name in ("attention_entropy", "outlier_tokens", "cka"):
         assert f"analysis/{name}" in images and acc.Images(f"analysis/{name}")[-1].width >= 400
     entropy = [e.value for e in acc.Scalars("analysis/attention_entropy/layer_01")]

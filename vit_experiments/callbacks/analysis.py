@@ -10,11 +10,22 @@ Probe batch: the first `num_images` validation images, captured once (after the 
 normalised exactly as the model sees them) and kept in the checkpoint, so that every analysis of a run, resumed
 or not, looks at the same images. Without validation data the first training batch is used instead.
 
+Representation set: the first `representation_images` validation images (256; 0 turns it off) with their integer
+labels where the batch has them (classification and DeiT: (images, labels); CLIP's (images, token ids) has none),
+for linear CKA between layers and, with labels, the per-layer ridge probes (analysis/representations.py: fitted on
+one half, scored on the other). Gathered from one validation pass: the sanity check's batches when they fill it,
+else the first validation epoch's (whatever it holds by its end); until then the CKA is the probe batch's and there
+is no probe. Fixed from then on and kept in the checkpoint, as uint8 when the module can undo its normalisation
+(mean/std; exact for uint8 data) and renormalised at each analysis, so that 256 images of 224 px take 38 MB.
+
 Logged (TensorBoard, step = trainer.global_step), every tag under analysis/ (the cost under perf/):
   scalars  analysis/attention_distance{,_min,_max}/layer_XX  pixels: mean, least and most over the heads of layer
                                                             XX (1 = first block)
            analysis/prefix_attention/layer_XX               share of patch queries' attention on class/dist tokens
            analysis/position_embedding/topology_score       corr(cosine similarity, -grid distance), patch pairs
+           analysis/probe_cls/layer_XX, probe_patch/layer_XX  ridge-probe test accuracy on the class token and the
+                                                            mean patch token (representation set, with labels)
+           analysis/cka_adjacent/layer_XX                   CKA of block XX's output with the layer below
            analysis/<name>/layer_XX                         whatever else report.scalars(result) returns
            perf/analysis_seconds, perf/analysis_time_share  this callback's own cost (and its share of the wall
                                                             time since fit start)
@@ -23,13 +34,16 @@ Logged (TensorBoard, step = trainer.global_step), every tag under analysis/ (the
            analysis/position_similarity  Fig. 9 grid of similarity tiles with axes and a colour bar (-1..1)
            analysis/rollout              each probe image beside its rollout overlay, with the heat map's scale
            analysis/patch_filters        principal components of the patch-embedding filters, with their variance
+           analysis/cka, analysis/probe  the CKA heat map between all layers; probe accuracy against depth
            analysis/<name>               any further image of result["images"]
 The custom-scalars layout (vit_experiments.loggers) draws each per-layer analysis as one chart of every layer.
 Files: <log_dir>/analysis/step_XXXXXX/ with analysis.json, attention_distance.csv and PNG figures.
 
 Cost: one forward pass of `num_images` images with attention maps, the analyses of vit_experiments.analysis.report,
 plus drawing. Measured on the demo model (6 layers, width 128, 32-px images, 8 probe images) on a busy shared 2-core
-CPU: 2 to 4 s per analysis, figures included (the four ViT-paper figures about 1 s of it). Every run logs its own
+CPU: 2 to 4 s per analysis, figures included (the four ViT-paper figures about 1 s of it); the representation set
+adds its forward passes, in eval mode and minibatches of 64, and a few small solves (a real run of
+conf/vit/pretrain.yaml: 1.3 to 2.0 s per analysis with the 256-image set, 1.8% of the run). Every run logs its own
 cost as perf/analysis_seconds and perf/analysis_time_share, and the run summary (callbacks/dashboard.py) prints the
 total. Lower it with a larger every_n_epochs, fewer num_images, log_images=False or save_figures=False
 (`vitx fit --analysis.num_images 4 --analysis.every_n_epochs 2`).
@@ -64,10 +78,12 @@ from vit_experiments.callbacks.interruption import COORDINATED
 from vit_experiments.analysis import report
 from vit_experiments.analysis.plots import figure_to_array
 from vit_experiments.analysis.report import FIGURES, analyze_model, save_report
+from vit_experiments.callbacks.representation_set import RepresentationSet, display_images
 
 # the labelled figures, as images; result["images"] entries of the same name (the bare pixel tiles) are left out
 IMAGE_TAGS = tuple(f"analysis/{name}" for name in FIGURES)
 COST_TAGS = ("perf/analysis_seconds", "perf/analysis_time_share")
+REPRESENTATION_BATCH = 64  # images per forward pass of the representation set: bounds the activations' memory
 
 
 def find_backbone(pl_module: L.LightningModule, model_attr: Optional[str] = None) -> torch.nn.Module:
@@ -97,19 +113,6 @@ def find_backbone(pl_module: L.LightningModule, model_attr: Optional[str] = None
         f"forward_features(x, return_attention=True)")
 
 
-def display_images(pl_module: L.LightningModule, images: torch.Tensor) -> Optional[torch.Tensor]:
-    """Undo the module's normalisation for drawing, when it exposes `mean` and `std` (per channel, in [0, 1])."""
-    mean, std = getattr(pl_module, "mean", None), getattr(pl_module, "std", None)
-    try:
-        m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)  # (1, C, 1, 1)
-        s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    if m.shape[1] != images.shape[1] or s.shape[1] != images.shape[1]:
-        return None
-    return ((images.float() * s + m) * 255.0).round().clamp(0, 255).to(torch.uint8)  # (B, C, H, W)
-
-
 def stopped_together(exception: BaseException) -> bool:
     """Whether a fit stopped by `exception` may still do its end-of-run work (InterruptCheckpoint's rule for saving):
     not after a second Ctrl-C (the user wants out now), and in one process or on a stop every process makes at the
@@ -125,6 +128,8 @@ class AttentionAnalysis(Callback):
     Args:
         enabled: False turns the callback off (`vitx fit --analysis.enabled false`).
         num_images: size of the probe batch (the first validation images).
+        representation_images: size of the labelled representation set for CKA and the linear probes (the first
+            validation images, with their labels); 0 turns it off (CKA on the probe batch, no probe).
         every_n_epochs: run at the end of every n-th training epoch (after its validation); 0 or None: never.
         every_n_steps: run every n optimizer steps; 0 or None: never.
         at_start: also run before the first optimizer step (the picture at initialisation).
@@ -145,6 +150,7 @@ class AttentionAnalysis(Callback):
         self,
         enabled: bool = True,
         num_images: int = 8,
+        representation_images: int = 256,
         every_n_epochs: Optional[int] = 1,
         every_n_steps: Optional[int] = None,
         at_start: bool = True,
@@ -160,11 +166,14 @@ class AttentionAnalysis(Callback):
         super().__init__()
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if representation_images < 0:
+            raise ValueError(f"representation_images must be >= 0 (0: off), got {representation_images}")
         for name, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if v is not None and v < 0:
                 raise ValueError(f"{name} must be >= 1, or 0/None to turn it off; got {v}")
         self.enabled = enabled
         self.num_images = num_images
+        self.representation_images = representation_images
         self.every_n_epochs = every_n_epochs or 0
         self.every_n_steps = every_n_steps or 0
         self.at_start, self.at_end = at_start, at_end
@@ -179,6 +188,7 @@ class AttentionAnalysis(Callback):
         self._display: Optional[torch.Tensor] = None  # (N, C, H, W) uint8 for drawing, when the module can denormalise
         self._collected: list = []  # validation images gathered until there are num_images
         self._fallback: Optional[torch.Tensor] = None  # first training batch, used when there is no validation data
+        self._rep = RepresentationSet(representation_images)  # for CKA and the probes
         self._disabled: Optional[str] = None if enabled else "enabled=False"
         self._out_root: Optional[str] = None
         self._last_step = -1
@@ -204,12 +214,13 @@ class AttentionAnalysis(Callback):
 
     def state_dict(self) -> Dict[str, Any]:
         # the probe travels with the checkpoint, so a resumed run analyses the same images
-        return {"probe": self._probe, "display": self._display}
+        return {"probe": self._probe, "display": self._display, **self._rep.state_dict()}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if state_dict.get("probe") is not None:
             self._probe = state_dict["probe"]
             self._display = state_dict.get("display")
+        self._rep.load_state_dict(state_dict)
 
     # -- probe batch ----------------------------------------------------------------------------------------------
     def _take(self, batch: Any, n: int) -> Optional[torch.Tensor]:
@@ -222,13 +233,19 @@ class AttentionAnalysis(Callback):
         return torch.cat(self._collected)[: self.num_images] if self._collected else None
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._probe is not None or self._disabled or not trainer.is_global_zero or dataloader_idx != 0:
+        if self._disabled or not trainer.is_global_zero or dataloader_idx != 0:
+            return
+        self._rep.gather(pl_module, batch)
+        if self._probe is not None:
             return
         have = sum(len(x) for x in self._collected)
         if have < self.num_images:
             images = self._take(batch, self.num_images - have)
             if images is not None:
                 self._collected.append(images)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._rep.restart()  # each pass starts at the first batch again: a sanity check's partial set would repeat
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not trainer.is_global_zero or self._disabled:
@@ -272,6 +289,8 @@ class AttentionAnalysis(Callback):
             rank_zero_warn(f"AttentionAnalysis: the final analysis failed:\n{traceback.format_exc()}")
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.is_global_zero:
+            self._rep.freeze()  # the first validation epoch's images, however many it had
         if trainer.state.fn == "validate":  # `vitx validate`: one analysis of the checkpoint
             self._maybe_run(trainer, pl_module)
 
@@ -301,8 +320,11 @@ class AttentionAnalysis(Callback):
         backbone = find_backbone(pl_module, self.model_attr)
         # drawn once, for TensorBoard and the PNG files alike
         figures = self.log_images or self.save_figures
+        rep, labels, classes = self._rep.prepared(pl_module)
         result = analyze_model(backbone, self._probe, self._display, num_components=self.num_components,
-                               rollout_token=self.rollout_token, figures=figures)
+                               rollout_token=self.rollout_token, figures=figures, representation_images=rep,
+                               representation_labels=labels, num_classes=classes,
+                               representation_batch_size=REPRESENTATION_BATCH)
         scalars = self.scalars(result)
         images = {}
         if self.log_images:
