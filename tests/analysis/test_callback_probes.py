@@ -48,6 +48,9 @@ def test_probes_are_scored_on_images_they_were_not_fitted_on(tmp_path):
               enable_progress_bar=False, enable_model_summary=False, callbacks=[cb]).fit(module, train, val)
     torch.testing.assert_close(cb._rep.images, x)  # the validation images in order, with their labels
     assert torch.equal(cb._rep.labels, y)
+    resumed = AttentionAnalysis(representation_images=64)  # the set travels with the checkpoint
+    resumed.load_state_dict(cb.state_dict())
+    assert torch.equal(resumed._rep.images, cb._rep.images) and torch.equal(resumed._rep.labels, y)
     probe = json.loads((tmp_path / "run/version_0/analysis/step_000001/analysis.json").read_text())["probe"]
     assert probe["num_train"] == 32 and probe["num_test"] == 32 and probe["num_classes"] == 3
     held_out = probe["patch_accuracy"] + probe["cls_accuracy"]
