@@ -128,6 +128,7 @@ def test_config_and_run_summary_texts(vit_run):
     best = cli.trainer.checkpoint_callback.best_model_path
     assert "best val/acc1 = " in summary and best in summary and "images/s" in summary
     assert "attention analysis: 2 runs" in summary and "FLOPs per image" in summary
+    assert "in 8 steps (1.00 epochs)" in summary  # the one epoch of 8 batches, counted from the steps
 
 
 def test_terminal_progress_bar_and_summary(vit_run, capsys):

@@ -18,6 +18,7 @@ Everything is written by global rank 0 only and calls no collective.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any, Dict, List, Mapping, Optional
@@ -236,6 +237,16 @@ def _best(trainer: L.Trainer) -> Optional[ModelCheckpoint]:
     return monitored[0] if monitored else None
 
 
+def _epochs(trainer: L.Trainer) -> str:
+    """How far through the data the run got: "7.56 epochs" (a run stopped by max_steps or the time guard ends
+    inside an epoch, which Lightning's current_epoch counts as done)."""
+    batches = trainer.num_training_batches
+    per_epoch = batches / max(int(trainer.accumulate_grad_batches), 1) if isinstance(batches, (int, float)) else 0
+    if per_epoch and math.isfinite(per_epoch):
+        return f"{trainer.global_step / per_epoch:.2f} epochs"
+    return f"in epoch {trainer.current_epoch + 1}"
+
+
 def run_summary(trainer: L.Trainer, log_dir: str, images: int, seconds: float) -> str:
     """The end-of-run summary, a few plain lines."""
     lines = [f"vitx run summary: {log_dir}"]
@@ -251,8 +262,8 @@ def run_summary(trainer: L.Trainer, log_dir: str, images: int, seconds: float) -
         if key.startswith("val/") and getattr(value, "numel", lambda: 1)() == 1:
             lines.append(f"final {key} = {float(value):.4f}")
     rate = f", {images / seconds:,.0f} images/s" if seconds > 0 and images else ""
-    lines.append(f"trained {images:,} images in {trainer.global_step} steps ({trainer.current_epoch} epochs "
-                 f"completed), {seconds:,.1f} s{rate}")
+    lines.append(f"trained {images:,} images in {trainer.global_step} steps ({_epochs(trainer)}), "
+                 f"{seconds:,.1f} s{rate}")
     for cb in trainer.callbacks:
         flops = getattr(cb, "flops_per_image", None)
         if flops:
