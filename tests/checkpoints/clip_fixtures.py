@@ -144,3 +144,9 @@ def vitx_outputs(clip, images: torch.Tensor, ids: torch.Tensor) -> dict[str, tor
     with torch.no_grad():
         img, txt, scale = clip(images, ids)
     return {"image": img, "text": txt, "logits": scale.exp() * img @ txt.T}
+
+
+def assert_same(expected: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> None:
+    """Image embeddings, text embeddings and logits equal to 1e-5 (fp32)."""
+    for key in ("image", "text", "logits"):
+        torch.testing.assert_close(ours[key], expected[key], atol=1e-5, rtol=1e-5, msg=key)

@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 from data_pipelines.tokenizer import CaptionTokenizer  # noqa: E402
 from tests.checkpoints.clip_fixtures import (  # noqa: E402
-    CORPUS, OPENAI_SIZE, hf_clip, hf_tokenizer, openai_state_dict, reference, vitx_outputs, write_openai_merges,
+    CORPUS, OPENAI_SIZE, assert_same, hf_clip, hf_tokenizer, openai_state_dict, reference, vitx_outputs,
+    write_openai_merges,
 )
 from vit_experiments.checkpoints import METADATA_KEY, network_metadata, read_checkpoint  # noqa: E402
 from vit_experiments.export import main_export  # noqa: E402
@@ -19,11 +20,6 @@ from vit_experiments.models.text import TextConfig  # noqa: E402
 from vit_experiments.models.vit import ViTConfig  # noqa: E402
 
 CAPTIONS = ["a photo of a dog.", "Two RED cats", "itap of a blue circle"]
-
-
-def assert_same(expected, ours):
-    for key in ("image", "text", "logits"):
-        torch.testing.assert_close(ours[key], expected[key], atol=1e-5, rtol=1e-5, msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +55,7 @@ def test_openai_weights_to_hugging_face_and_open_clip(images, tmp_path):
     assert_same(vitx_outputs(info.build(), images, ids), reference(again, images, ids))
     # open_clip's layout is OpenAI's: the same keys and tensors as the file read
     assert main_export(["--ckpt", ckpt, "--format", "open_clip", "--out", str(tmp_path / "oc.bin")]) == 0
-    written, source = torch.load(tmp_path / "oc.bin"), openai_state_dict(model)
+    written, source = torch.load(tmp_path / "oc.bin", weights_only=True), openai_state_dict(model)
     assert set(written) == set(source) and all(torch.equal(written[k], source[k]) for k in source)
 
 

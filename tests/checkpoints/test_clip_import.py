@@ -15,17 +15,13 @@ transformers = pytest.importorskip("transformers")
 
 from data_pipelines.tokenizer import CaptionTokenizer  # noqa: E402
 from tests.checkpoints.clip_fixtures import (  # noqa: E402
-    EOT, OPENAI_SIZE, hf_clip, hf_tokenizer, openai_state_dict, reference, vitx_outputs, write_openai_merges,
+    EOT, OPENAI_SIZE, assert_same, hf_clip, hf_tokenizer, openai_state_dict, reference, vitx_outputs,
+    write_openai_merges,
 )
 from vit_experiments.checkpoints import read_checkpoint  # noqa: E402
 from vit_experiments.checkpoints.clip_readers import clip_overrides  # noqa: E402
 
 CAPTIONS = ["a photo of a dog.", "Two RED cats", "itap of a blue circle", "the dog's photo " * 6]
-
-
-def assert_same(reference_out, ours):
-    for key in ("image", "text", "logits"):
-        torch.testing.assert_close(ours[key], reference_out[key], atol=1e-5, rtol=1e-5, msg=key)
 
 
 @pytest.fixture(scope="module")
